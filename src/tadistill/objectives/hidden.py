@@ -1,0 +1,57 @@
+"""Hidden-state alignment losses: MSE (methods.md section 1 "HS", TinyBERT) and cosine (DistilBERT).
+
+The student's hidden states are projected to the teacher's width by the caller (a learned W lives in
+the training term, the only state); these functions only compare tensors of equal shape.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from tadistill.objectives.divergence import check_mask
+
+
+def _valid_rows(student: Tensor, teacher: Tensor, mask: Tensor, who: str) -> tuple[Tensor, Tensor]:
+    """(B, T, d) each -> float32 (N, d) rows of the N valid tokens; the teacher side detached."""
+    if student.shape != teacher.shape or student.dim() != 3:
+        raise ValueError(
+            f"{who}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be (B, T, d); "
+            "project the student to the teacher width first"
+        )
+    check_mask(mask, student.shape[0], student.shape[1], who)
+    # Indexing before upcasting: padded tokens (possibly garbage) never enter the arithmetic.
+    return student[mask].float(), teacher.detach()[mask].float()
+
+
+def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Squared error of hidden states, summed over valid tokens (HS, TinyBERT's L_hidn).
+
+    Args:
+        student: (B, T, d), already projected to the teacher width d = d_T.
+        teacher: (B, T, d), a constant (detached).
+        mask: bool (B, T), True = valid token.
+
+    Returns:
+        float32 scalar: sum over valid tokens of mean_d (h_S - h_T)^2. Dividing by the number of valid
+        tokens gives nn.MSELoss over the valid entries. No valid token -> 0.
+    """
+    s, t = _valid_rows(student, teacher, mask, "hidden_mse")
+    return (s - t).square().mean(dim=-1).sum()
+
+
+def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Cosine distance of hidden states, summed over valid tokens (DistilBERT's cosine embedding loss).
+
+    Args:
+        student: (B, T, d), already projected if the widths differ.
+        teacher: (B, T, d), a constant (detached).
+        mask: bool (B, T), True = valid token.
+
+    Returns:
+        float32 scalar: sum over valid tokens of 1 - cos(h_S, h_T), i.e. nn.CosineEmbeddingLoss with
+        target +1 summed instead of averaged. Norms are clamped at 1e-8 (F.cosine_similarity), so zero
+        vectors give a finite loss of 1. No valid token -> 0.
+    """
+    s, t = _valid_rows(student, teacher, mask, "hidden_cosine")
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).sum()

@@ -1,0 +1,263 @@
+"""Loss terms: each turns one objective config into (what to capture, how to compute its loss).
+
+A term knows which hidden states / Q-K-V projections / logits it needs from each model, owns the
+learned projections when it has any (the only state, hence nn.Module), and calls the pure functions
+of ``tadistill.objectives``. Each returns the *sum* of its per-row loss; the loop divides once by the
+global count named by ``normalizer`` ("tokens": valid tokens, "masked": masked-LM positions), so
+gradient accumulation and data parallelism give the same loss as one large batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tadistill import config as C
+from tadistill.capture.architectures import Architecture
+from tadistill.capture.attention import attention_logits
+from tadistill.capture.hooks import Captured, CaptureRequest
+from tadistill.errors import ConfigError
+from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
+from tadistill.objectives.hidden import hidden_cosine, hidden_mse
+from tadistill.objectives.layer_maps import layer_map
+from tadistill.objectives.output import mlm_cross_entropy, soft_target_kl
+
+
+@dataclass
+class ModelOutputs:
+    """What one forward pass of a model produced for the terms."""
+
+    captured: Captured
+    logits: Tensor | None = None  # (B, T, V) when a term needs the masked-LM distribution
+
+
+def resolve_teacher_layer(value: C.TeacherLayer, num_layers: int) -> int:
+    """'last' / 'last-1' / 'last-2' / 1-based index -> 1-based block index, range-checked."""
+    index = {"last": num_layers, "last-1": num_layers - 1, "last-2": num_layers - 2}.get(value, value)
+    if not isinstance(index, int) or not 1 <= index <= num_layers:
+        raise ConfigError(f"teacher_layer={value!r} is out of range: the teacher has blocks 1..{num_layers}")
+    return index
+
+
+def _linear(d_in: int, d_out: int) -> nn.Module:
+    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+
+class Term(nn.Module):
+    """Base: subclasses set the requests in __init__ and implement forward -> summed loss."""
+
+    normalizer = "tokens"
+    needs_logits = False
+
+    def __init__(self, cfg, student: Architecture, teacher: Architecture):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.kind
+        self.weight = cfg.weight
+        self.causal = student.causal
+        self.student_request = CaptureRequest()
+        self.teacher_request = CaptureRequest()
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class OutputKLTerm(Term):
+    """OD / DistilBERT soft targets: tau^2 KL(p_T^tau || p_S^tau) of masked-LM distributions."""
+
+    needs_logits = True
+
+    def __init__(self, cfg: C.OutputKL, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        self.normalizer = "masked" if cfg.positions == "masked" else "tokens"
+
+    def forward(self, student, teacher, batch):
+        if self.cfg.positions == "masked":
+            mask = batch["labels"] != -100
+        else:
+            mask = batch["attention_mask"].bool()
+        return soft_target_kl(
+            student.logits, teacher.logits, mask, temperature=self.cfg.temperature, scale_by_t2=self.cfg.scale_by_t2
+        )
+
+
+class MaskedLMTerm(Term):
+    """Hard masked-LM loss on the corpus labels."""
+
+    normalizer = "masked"
+    needs_logits = True
+
+    def forward(self, student, teacher, batch):
+        return mlm_cross_entropy(student.logits, batch["labels"])
+
+
+class HiddenStatesTerm(Term):
+    """HS: MSE or cosine between projected student and teacher hidden states under a layer mapping."""
+
+    def __init__(self, cfg: C.HiddenStates, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        self.pairs = layer_map(
+            cfg.mapping,
+            student.num_layers,
+            teacher.num_layers,
+            explicit=cfg.layers,
+            include_embeddings=cfg.include_embeddings,
+        )
+        self.student_request = CaptureRequest(hidden=tuple(sorted({s for s, _ in self.pairs})))
+        self.teacher_request = CaptureRequest(hidden=tuple(sorted({t for _, ts in self.pairs for t in ts})))
+        d_s, d_t = student.hidden_size, teacher.hidden_size
+        # One W per student layer (or one shared W, TinyBERT's fit_dense); identity when widths match.
+        # 'concat' maps the student to the concatenation of its teacher layers (1-to-N mappings).
+        self.projections = nn.ModuleDict()
+        if cfg.multi_target == "concat":
+            for s, ts in self.pairs:
+                self.projections[str(s)] = nn.Linear(d_s, d_t * len(ts))
+        elif cfg.projection == "shared":
+            self.shared = _linear(d_s, d_t)
+        else:
+            for s, _ in self.pairs:
+                self.projections[str(s)] = _linear(d_s, d_t)
+
+    def _project(self, s: int, h: Tensor) -> Tensor:
+        if self.cfg.multi_target != "concat" and self.cfg.projection == "shared":
+            return self.shared(h)
+        return self.projections[str(s)](h)
+
+    def forward(self, student, teacher, batch):
+        mask = batch["attention_mask"].bool()
+        distance = hidden_mse if self.cfg.loss == "mse" else hidden_cosine
+        total = torch.zeros((), device=mask.device)
+        for s, ts in self.pairs:
+            h_s = self._project(s, student.captured.hidden[s])  # (B, T, d_T) or (B, T, n d_T)
+            if self.cfg.multi_target == "concat":
+                total = total + distance(h_s, torch.cat([teacher.captured.hidden[t] for t in ts], dim=-1), mask)
+            else:
+                for t in ts:
+                    total = total + distance(h_s, teacher.captured.hidden[t], mask)
+        return total
+
+
+class MiniLMv2Term(Term):
+    """MHA relations (MiniLMv2 eq. 1-3): KL of Q-Q, K-K, V-V relations, student last block."""
+
+    def __init__(self, cfg: C.MiniLMv2, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        self.t_layer = resolve_teacher_layer(cfg.teacher_layer, teacher.num_layers)
+        self.s_layer = student.num_layers
+        widths = {
+            "student": {student.num_heads * student.head_dim, student.num_kv_heads * student.head_dim},
+            "teacher": {teacher.num_heads * teacher.head_dim, teacher.num_kv_heads * teacher.head_dim},
+        }
+        for who, ws in widths.items():
+            for w in ws:
+                if w % cfg.relation_heads:
+                    raise ConfigError(
+                        f"relation_heads={cfg.relation_heads} must divide the {who} width {w}: choose a common "
+                        "divisor of both models' widths (e.g. --set objectives.minilmv2.relation_heads=12)"
+                    )
+        self.student_request = CaptureRequest(qkv=(self.s_layer,))
+        self.teacher_request = CaptureRequest(qkv=(self.t_layer,))
+
+    def forward(self, student, teacher, batch):
+        mask = batch["attention_mask"].bool()
+        pick = {"qq": "query", "kk": "key", "vv": "value"}
+        total = torch.zeros((), device=mask.device)
+        for relation in self.cfg.relations:
+            name = pick[relation]
+            x_s = getattr(student.captured, name)[self.s_layer]  # (B, T, d_S)
+            x_t = getattr(teacher.captured, name)[self.t_layer]  # (B, T, d_T)
+            total = total + relation_kl(x_s, x_t, mask, relation_heads=self.cfg.relation_heads, causal=self.causal)
+        return total
+
+
+class MiniLMTerm(Term):
+    """MiniLM v1 (eq. 1-4): last-block attention distributions + value relation, equal head counts."""
+
+    def __init__(self, cfg: C.MiniLM, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        if student.num_heads != teacher.num_heads:
+            raise ConfigError(
+                f"minilm needs equal head counts (teacher {teacher.num_heads}, student {student.num_heads}): "
+                f"set student.num_heads={teacher.num_heads} or use the minilmv2 recipe"
+            )
+        self.heads = (student.num_heads, student.num_kv_heads, teacher.num_heads, teacher.num_kv_heads)
+        self.student_request = CaptureRequest(qkv=(student.num_layers,))
+        self.teacher_request = CaptureRequest(qkv=(teacher.num_layers,))
+        self.s_layer, self.t_layer = student.num_layers, teacher.num_layers
+
+    def forward(self, student, teacher, batch):
+        mask = batch["attention_mask"].bool()
+        s, t = student.captured, teacher.captured
+        h_s, kv_s, h_t, kv_t = self.heads
+        scores_s = attention_logits(s.query[self.s_layer], s.key[self.s_layer], num_heads=h_s, num_kv_heads=kv_s)
+        scores_t = attention_logits(t.query[self.t_layer], t.key[self.t_layer], num_heads=h_t, num_kv_heads=kv_t)
+        total = attention_kl(scores_s, scores_t, mask, causal=self.causal)
+        if self.cfg.value_relation:
+            total = total + relation_kl(
+                s.value[self.s_layer], t.value[self.t_layer], mask, relation_heads=kv_s, causal=self.causal
+            )
+        return total
+
+
+class DirectQKVTerm(Term):
+    """DirectMiniLM: MSE between linearly projected student Q/K/V and the teacher's Q/K/V."""
+
+    def __init__(self, cfg: C.DirectQKV, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        self.t_layer = resolve_teacher_layer(cfg.teacher_layer, teacher.num_layers)
+        self.s_layer = student.num_layers
+        width = {
+            "q": (student.num_heads * student.head_dim, teacher.num_heads * teacher.head_dim),
+            "k": (student.num_kv_heads * student.head_dim, teacher.num_kv_heads * teacher.head_dim),
+        }
+        width["v"] = width["k"]
+        # The method is defined with a learned linear map even at equal widths.
+        self.projections = nn.ModuleDict({r: nn.Linear(*width[r]) for r in cfg.relations})
+        self.student_request = CaptureRequest(qkv=(self.s_layer,))
+        self.teacher_request = CaptureRequest(qkv=(self.t_layer,))
+
+    def forward(self, student, teacher, batch):
+        mask = batch["attention_mask"].bool()
+        pick = {"q": "query", "k": "key", "v": "value"}
+        total = torch.zeros((), device=mask.device)
+        for r in self.cfg.relations:
+            x_s = self.projections[r](getattr(student.captured, pick[r])[self.s_layer])
+            total = total + hidden_mse(x_s, getattr(teacher.captured, pick[r])[self.t_layer], mask)
+        return total
+
+
+class AttentionScoreTerm(Term):
+    """TinyBERT general distillation: MSE of pre-softmax attention scores, uniform mapping."""
+
+    def __init__(self, cfg: C.AttentionScoreMSE, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        if student.num_heads != teacher.num_heads:
+            raise ConfigError(
+                f"attention-mse needs equal head counts (teacher {teacher.num_heads}, student {student.num_heads}): "
+                f"set student.num_heads={teacher.num_heads}"
+            )
+        # TinyBERT: student block i (0-based) <- teacher block i k + k - 1, the 'uniform' mapping.
+        self.pairs = [(s, ts[0]) for s, ts in layer_map("uniform", student.num_layers, teacher.num_layers)]
+        self.heads = (student.num_heads, student.num_kv_heads, teacher.num_heads, teacher.num_kv_heads)
+        self.student_request = CaptureRequest(qkv=tuple(s for s, _ in self.pairs))
+        self.teacher_request = CaptureRequest(qkv=tuple(t for _, t in self.pairs))
+
+    def forward(self, student, teacher, batch):
+        mask = batch["attention_mask"].bool()
+        s, t = student.captured, teacher.captured
+        h_s, kv_s, h_t, kv_t = self.heads
+        total = torch.zeros((), device=mask.device)
+        for ls, lt in self.pairs:
+            scores_s = attention_logits(s.query[ls], s.key[ls], num_heads=h_s, num_kv_heads=kv_s)
+            scores_t = attention_logits(t.query[lt], t.key[lt], num_heads=h_t, num_kv_heads=kv_t)
+            total = total + attention_score_mse(scores_s, scores_t, mask, causal=self.causal)
+        return total
+
+
+def merge_requests(requests: list[CaptureRequest]) -> CaptureRequest:
+    """One request covering several terms (each hook is installed once)."""
+    hidden = sorted({i for r in requests for i in r.hidden})
+    qkv = sorted({i for r in requests for i in r.qkv})
+    return CaptureRequest(hidden=tuple(hidden), qkv=tuple(qkv))

@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny BERT teacher (with and without an MLM head), its tokenizer, a small corpus.
+
+Everything is built locally from configs and a vocabulary written here: tests never reach a hub.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "A teacher model is distilled into a smaller student without any labels.",
+    "Attention relations between queries and keys carry much of the knowledge.",
+    "Hidden states of the student are mapped to the layers of the teacher.",
+    "Python ships its documentation with every installation of the interpreter.",
+    "Small models are cheaper to run and easier to deploy on a laptop.",
+    "The student keeps most of what the teacher knows at a fraction of the cost.",
+    "Layer mappings decide which teacher layer each student layer should imitate.",
+] * 6
+
+
+def _vocab() -> list[str]:
+    words = sorted({w for t in TEXTS for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    chars = sorted({c for w in words for c in w})
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *[f"##{c}" for c in chars]]
+
+
+def _write_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_tiny_bert(
+    folder: Path, *, mlm_head: bool = True, layers: int = 4, hidden: int = 32, heads: int = 4, dropout: float = 0.1
+) -> Path:
+    """Save a tiny random BERT and its tokenizer to ``folder``; return the folder."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    tok = _write_tokenizer(folder)
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    model = (BertForMaskedLM if mlm_head else BertModel)(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 4x32 BERT with an MLM head."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-mlm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 4x32 BERT without an MLM head (like the built-in sentence encoder)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-base"), mlm_head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_no_dropout(tmp_path_factory) -> Path:
+    """A 4x32 BERT with an MLM head and no dropout (for exact equality of two training schedules)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(f"{t} Paragraph {i}." for i, t in enumerate(TEXTS)) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_args(tiny_teacher, tiny_corpus, tmp_path):
+    """--set overrides that make any recipe run in a second or two on the tiny teacher."""
+
+    def build(*extra: str, teacher: Path | None = None) -> list[str]:
+        sets = [
+            f"teacher={teacher or tiny_teacher}",
+            f"data.source={tiny_corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_length=24",
+            "data.heldout_fraction=0.2",
+            "train.steps=2",
+            "train.batch_size=4",
+            "train.eval_batches=1",
+            "train.log_every=1",
+            *extra,
+        ]
+        return [a for s in sets for a in ("--set", s)]
+
+    return build
