@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from tadistill.capture.architectures import resolve_architecture
@@ -175,6 +176,10 @@ def _run(
     )
     if not prepared:
         run.prepare(config, resume=resume, overwrite=overwrite)
+    # Accelerate keeps its state in a process-wide singleton that refuses a second Accelerator with
+    # another precision; reset it (keeping any process group) so that one Python process can run several
+    # distillations, e.g. a notebook or the teacher-assistant chain.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.train.precision, log_with="tensorboard", project_dir=str(run.root)
     )
