@@ -57,6 +57,12 @@ def test_builtin_sentence_encoder_teacher(tiny_corpus, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_parameters"] == 22_713_216
     assert summary["student_shape"].startswith("1x384")
+    # The teacher is a sentence-transformers model: so is the student, with the same pooling.
+    from sentence_transformers import SentenceTransformer
+
+    embeddings = SentenceTransformer(str(out / "student"), device="cpu").encode(["a student", "a teacher"])
+    assert embeddings.shape == (2, 384)
+    assert abs(float((embeddings[0] ** 2).sum()) - 1.0) < 1e-4  # the teacher's Normalize module is kept
 
 
 def test_student_with_a_different_tokenizer_is_refused(tiny_args, tmp_path, capsys):

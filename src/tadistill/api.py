@@ -29,12 +29,19 @@ from tadistill.data.tokenized import tokenize_corpus
 from tadistill.errors import ConfigError
 from tadistill.evaluation.cost import count_parameters
 from tadistill.evaluation.fidelity import embedding_cosine
-from tadistill.loading import check_same_vocabulary, load_model_config, load_pretrained, load_tokenizer
+from tadistill.loading import (
+    check_same_vocabulary,
+    load_model_config,
+    load_pretrained,
+    load_tokenizer,
+    resolve_model_path,
+)
 from tadistill.registry import OBJECTIVES
 from tadistill.students.build import build_student, student_config
 from tadistill.students.init import init_from_teacher, select_layers
 from tadistill.training.loop import TokenizerInfo, Trainer
-from tadistill.training.rundir import RunDir, atomic_write_text
+from tadistill.fileio import atomic_write_text
+from tadistill.training.rundir import RunDir
 
 DEFAULT_CACHE = Path(os.environ.get("TADISTILL_CACHE", Path.home() / ".cache" / "tadistill"))
 SUMMARY_TEXTS = 256  # held-out texts used for the embedding-similarity summary
@@ -109,12 +116,39 @@ def _student_for(config: DistillConfig, teacher, tokenizer, *, head: str):
     return student
 
 
-def _save_student(student, tokenizer, target: Path) -> None:
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _copy_sentence_transformers_files(teacher_dir: Path, target: Path, hidden_size: int) -> None:
+    """A sentence-transformers teacher gives a student that SentenceTransformer(path) loads the same way.
+
+    The module list and pooling config are copied (pooling width set to the student's), so the student
+    keeps the teacher's pooling and normalisation.
+    """
+    if not (teacher_dir / "modules.json").is_file():
+        return
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (teacher_dir / name).is_file():
+            shutil.copy2(teacher_dir / name, target / name)
+    for module in json.loads((teacher_dir / "modules.json").read_text(encoding="utf-8")):
+        if not module.get("path"):
+            continue
+        (target / module["path"]).mkdir(parents=True, exist_ok=True)
+        pooling = teacher_dir / module["path"] / "config.json"
+        if pooling.is_file():
+            settings = json.loads(pooling.read_text(encoding="utf-8"))
+            if "word_embedding_dimension" in settings:
+                settings["word_embedding_dimension"] = hidden_size
+            (target / module["path"] / "config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+
+
+def _save_student(student, tokenizer, target: Path, *, teacher_dir: Path) -> None:
     """save_pretrained + tokenizer into a temporary folder, then rename: never a half-written student."""
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    _copy_sentence_transformers_files(teacher_dir, tmp, student.config.hidden_size)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -198,7 +232,7 @@ def _run(
     final = accelerator.unwrap_model(trainer.model).student
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
-        _save_student(final, tokenizer, run.student)
+        _save_student(final, tokenizer, run.student, teacher_dir=Path(resolve_model_path(config.teacher)))
         evals = [r for r in run.read_metrics() if "eval/loss" in r]
         summary = {
             "teacher": config.teacher,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 
 from tadistill.errors import ConfigError, DataError
+from tadistill.fileio import atomic_open
 
 CACHE_FORMAT_VERSION = 1
 MIN_SEQUENCE_TOKENS = 8
@@ -317,7 +316,6 @@ def _cache_key(
 
 def _save_cache(path: Path, key: str, splits: CorpusSplits) -> None:
     """Write atomically: a temporary file in the same folder, then os.replace (no torn cache files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "key": key,
         "format": CACHE_FORMAT_VERSION,
@@ -327,16 +325,8 @@ def _save_cache(path: Path, key: str, splits: CorpusSplits) -> None:
         "heldout_offsets": splits.heldout.offsets,
         "heldout_texts": list(splits.heldout_texts),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def _load_cache(path: Path, key: str) -> CorpusSplits | None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from tadistill.training.rundir import CONFIG_FILE, atomic_write_text
+from tadistill.fileio import atomic_write_text
+from tadistill.training.rundir import CONFIG_FILE
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")

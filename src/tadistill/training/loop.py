@@ -289,7 +289,8 @@ class Trainer:
                 if (tc.save_every and step % tc.save_every == 0) or step == stop_at:
                     last_good = save_checkpoint(acc, run.checkpoints, step, config_yaml=config_yaml, keep=tc.keep_checkpoints)
             bar.close()
-            if result.final_step == tc.steps and (not result.evaluations or result.evaluations[-1]["step"] != tc.steps):
+            finished_now = result.final_step == tc.steps and start_step < tc.steps
+            if finished_now and (not result.evaluations or result.evaluations[-1]["step"] != tc.steps):
                 result.evaluations.append(self._log_eval(tc.steps, s_cap, t_cap))
         result.stopped_early = result.final_step < tc.steps
         return result

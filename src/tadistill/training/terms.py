@@ -9,6 +9,7 @@ gradient accumulation and data parallelism give the same loss as one large batch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,15 @@ def resolve_teacher_layer(value: C.TeacherLayer, num_layers: int) -> int:
     if not isinstance(index, int) or not 1 <= index <= num_layers:
         raise ConfigError(f"teacher_layer={value!r} is out of range: the teacher has blocks 1..{num_layers}")
     return index
+
+
+def require_equal_heads(method: str, student: Architecture, teacher: Architecture, alternative: str = "") -> None:
+    """Attention maps are compared head by head: the head counts must match."""
+    if student.num_heads != teacher.num_heads:
+        raise ConfigError(
+            f"{method} needs equal head counts (teacher {teacher.num_heads}, student {student.num_heads}): "
+            f"set student.num_heads={teacher.num_heads}{alternative}"
+        )
 
 
 def _linear(d_in: int, d_out: int) -> nn.Module:
@@ -177,11 +187,7 @@ class MiniLMTerm(Term):
 
     def __init__(self, cfg: C.MiniLM, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
-        if student.num_heads != teacher.num_heads:
-            raise ConfigError(
-                f"minilm needs equal head counts (teacher {teacher.num_heads}, student {student.num_heads}): "
-                f"set student.num_heads={teacher.num_heads} or use the minilmv2 recipe"
-            )
+        require_equal_heads("minilm", student, teacher, " or use the minilmv2 recipe")
         self.heads = (student.num_heads, student.num_kv_heads, teacher.num_heads, teacher.num_kv_heads)
         self.student_request = CaptureRequest(qkv=(student.num_layers,))
         self.teacher_request = CaptureRequest(qkv=(teacher.num_layers,))
@@ -233,11 +239,7 @@ class AttentionScoreTerm(Term):
 
     def __init__(self, cfg: C.AttentionScoreMSE, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
-        if student.num_heads != teacher.num_heads:
-            raise ConfigError(
-                f"attention-mse needs equal head counts (teacher {teacher.num_heads}, student {student.num_heads}): "
-                f"set student.num_heads={teacher.num_heads}"
-            )
+        require_equal_heads("attention-mse", student, teacher)
         # TinyBERT: student block i (0-based) <- teacher block i k + k - 1, the 'uniform' mapping.
         self.pairs = [(s, ts[0]) for s, ts in layer_map("uniform", student.num_layers, teacher.num_layers)]
         self.heads = (student.num_heads, student.num_kv_heads, teacher.num_heads, teacher.num_kv_heads)
@@ -258,6 +260,4 @@ class AttentionScoreTerm(Term):
 
 def merge_requests(requests: list[CaptureRequest]) -> CaptureRequest:
     """One request covering several terms (each hook is installed once)."""
-    hidden = sorted({i for r in requests for i in r.hidden})
-    qkv = sorted({i for r in requests for i in r.qkv})
-    return CaptureRequest(hidden=tuple(hidden), qkv=tuple(qkv))
+    return functools.reduce(CaptureRequest.union, requests, CaptureRequest())
