@@ -220,8 +220,9 @@ class Trainer:
         ckpt = latest_checkpoint(run.checkpoints)
         if ckpt is not None:
             start_step = load_checkpoint(acc, ckpt)
-            if acc.is_main_process:
-                run.truncate_metrics(start_step)
+        if acc.is_main_process:
+            # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
+            run.truncate_metrics(start_step if ckpt is not None else -1)
         stop_at = min(tc.steps, tc.stop_at or tc.steps)
         result = LoopResult(start_step=start_step, final_step=start_step)
         config_yaml = config_to_yaml(self.cfg)
