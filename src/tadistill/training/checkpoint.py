@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from tadistill.fileio import atomic_write_text
@@ -38,8 +39,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, *, config_yaml: str, keep: int) -> Path:
-    """Save the full training state after ``step``; keep the newest ``keep`` checkpoints."""
+def save_checkpoint(
+    accelerator: Accelerator, folder: Path, step: int, *, config_yaml: str, keep: int, extra: dict | None = None
+) -> Path:
+    """Save the full training state after ``step``; keep the newest ``keep`` checkpoints.
+
+    ``extra`` is per-process state of our own (the lanes' random streams), saved by every process.
+    """
     final = folder / f"step-{step:08d}"
     tmp = folder / f".step-{step:08d}.tmp"
     if accelerator.is_main_process:
@@ -47,6 +53,7 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, *, config
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    torch.save(extra or {}, tmp / f"extra_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
@@ -60,7 +67,9 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, step: int, *, config
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
-    """Restore the state saved in ``path``; return the step it was taken after."""
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, dict]:
+    """Restore the state saved in ``path``; return the step it was taken after and this process's extra."""
     accelerator.load_state(str(path))
-    return int(json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["step"])
+    step = int(json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["step"])
+    extra = torch.load(path / f"extra_{accelerator.process_index}.pt", weights_only=True)
+    return step, extra

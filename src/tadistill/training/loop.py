@@ -1,13 +1,15 @@
 """The training loop, on Hugging Face Accelerate (so DDP / FSDP / DeepSpeed run the same code).
 
-One optimizer step:
+It trains one or several lanes (students, see ``lane.py``) over the same batches, running the teacher
+once per batch for all of them. One optimizer step:
 1. build the step's micro-batches (their order and masks are pure functions of the step number and
    the seed, so a resumed run sees exactly the same data);
 2. count the valid tokens and masked positions of the whole step, summed over processes;
-3. per micro-batch: teacher forward under inference_mode, student forward, each term's summed loss
-   divided by its global count (style rule "sum, then normalize once"), backward (gradient sync only
-   on the last micro-batch);
-4. stop on a NaN / inf loss before the weights are touched; clip, step, schedule;
+3. per micro-batch: teacher forward under inference_mode (once per input variant: clean text, and
+   BERT-masked text when a lane needs it); then, per lane and inside its own random stream, student
+   forward, each term's summed loss divided by its global count ("sum, then normalize once"), backward
+   (gradient sync only on the last micro-batch);
+4. per lane: stop on a NaN / inf loss before the weights are touched; clip, step, schedule;
 5. log, evaluate on held-out text, checkpoint atomically.
 """
 
@@ -18,23 +20,23 @@ import math
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from tadistill.capture.architectures import Architecture
-from tadistill.capture.hooks import Captured, CaptureRequest, capture
-from tadistill.config import DistillConfig
+from tadistill.capture.hooks import Captured, capture
 from tadistill.data.batches import BatchOrder, collate
 from tadistill.data.masking import mask_tokens
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tadistill.training.rundir import RunDir, config_to_yaml
-from tadistill.training.terms import ModelOutputs, Term, merge_requests
+from tadistill.training.lane import Lane, check_shared
+from tadistill.training.terms import ModelOutputs, merge_requests
 
 
 @dataclass
@@ -44,28 +46,22 @@ class TokenizerInfo:
     vocab_size: int
     special_ids: list[int]
 
+    @classmethod
+    def of(cls, tokenizer) -> TokenizerInfo:
+        return cls(
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            mask_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=list(tokenizer.all_special_ids),
+        )
+
 
 @dataclass
 class LoopResult:
     start_step: int
     final_step: int
-    evaluations: list[dict] = field(default_factory=list)  # eval rows logged by this call
     stopped_early: bool = False
-
-
-class Distiller(nn.Module):
-    """Student + loss terms in one module, so that one DDP / FSDP wrapper covers every trained weight."""
-
-    def __init__(self, student: nn.Module, terms: list[Term]):
-        super().__init__()
-        self.student = student
-        self.terms = nn.ModuleList(terms)
-        self.needs_logits = any(t.needs_logits for t in terms)
-
-    def forward(self, inputs: dict[str, Tensor], batch: dict[str, Tensor], teacher: ModelOutputs, captured: Captured):
-        out = self.student(**inputs)
-        student = ModelOutputs(captured, out.logits if self.needs_logits else None)
-        return torch.stack([term(student, teacher, batch).float() for term in self.terms])  # (n_terms,) sums
+    evaluations: dict[str, list[dict]] = field(default_factory=dict)  # lane -> eval rows logged now
 
 
 def _seed_for(*parts: object) -> int:
@@ -77,7 +73,7 @@ def _seed_for(*parts: object) -> int:
 def make_batch(
     sequences: list[Tensor], tok: TokenizerInfo, *, mask: bool, probability: float, seed: int
 ) -> dict[str, Tensor]:
-    """Collate and (when a term needs labels) apply BERT's 80/10/10 masking with a seeded generator."""
+    """Collate and (when a lane needs labels) apply BERT's 80/10/10 masking with a seeded generator."""
     batch = collate(sequences, pad_id=tok.pad_id, special_ids=tok.special_ids)
     if mask:
         generator = torch.Generator().manual_seed(seed)
@@ -101,207 +97,245 @@ def _counts(batches: list[dict[str, Tensor]], device) -> Tensor:
     return torch.tensor([tokens, masked], dtype=torch.float64, device=device)
 
 
+def _inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 class Trainer:
     """Holds what the loop needs; ``run()`` is the loop."""
 
     def __init__(
         self,
-        config: DistillConfig,
-        run: RunDir,
+        lanes: list[Lane],
         accelerator: Accelerator,
         *,
         teacher: nn.Module,
         teacher_arch: Architecture,
-        student: nn.Module,
-        student_arch: Architecture,
-        terms: list[Term],
         train: SequenceSet,
         heldout: SequenceSet,
         tokenizer: TokenizerInfo,
+        checkpoints: Path,
+        state_yaml: str,
         progress: bool = True,
+        drop_failed_lanes: bool = False,
     ):
-        self.cfg, self.run_dir, self.acc = config, run, accelerator
+        check_shared(lanes)
+        self.lanes, self.acc = lanes, accelerator
+        self.cfg = lanes[0].config  # data and step structure are shared (check_shared)
         self.teacher, self.teacher_arch = teacher.eval().requires_grad_(False), teacher_arch
-        self.student_arch = student_arch
-        self.terms, self.tok = terms, tokenizer
-        self.train_set, self.heldout = train, heldout
-        self.progress = progress
-        self.mask_inputs = any(
-            t.kind == "mlm" or (t.kind == "output-kl" and t.cfg.positions == "masked") for t in terms
-        )
-        self.normalizers = [0 if t.normalizer == "tokens" else 1 for t in terms]
-        self.weights = torch.tensor([t.weight for t in terms], dtype=torch.float64)
-        self.s_request: CaptureRequest = merge_requests([t.student_request for t in terms])
-        self.t_request: CaptureRequest = merge_requests([t.teacher_request for t in terms])
-        self.student = student
-
-        tc = config.train
-        world = accelerator.num_processes
-        self.order = BatchOrder(len(train), tc.batch_size, seed=tc.seed)
-        self.distiller = Distiller(student, terms)
-        decay = [p for p in self.distiller.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.distiller.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr,
-            betas=tc.adam_betas,
-            eps=tc.adam_eps,
-        )
-        warmup = max(tc.warmup_steps, int(tc.warmup_ratio * tc.steps))
-        names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-        scheduler = get_scheduler(names[tc.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=tc.steps)
-        # The teacher is not prepared (no optimizer, no gradient sync): only moved and kept in eval mode.
+        self.train_set, self.heldout, self.tok = train, heldout, tokenizer
+        self.checkpoints, self.state_yaml = checkpoints, state_yaml
+        self.progress, self.drop_failed_lanes = progress, drop_failed_lanes
+        self.world = accelerator.num_processes
+        self.order = BatchOrder(len(train), self.cfg.train.batch_size, seed=self.cfg.train.seed)
+        # Input variants the teacher must see, and for which of them lanes need its logits.
+        self.variants = sorted({lane.masked_inputs for lane in lanes})
+        self.logit_variants = {lane.masked_inputs for lane in lanes if lane.distiller.needs_logits}
+        self.teacher_request = merge_requests([lane.teacher_request for lane in lanes])
         self.teacher.to(accelerator.device)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(self.distiller, optimizer, scheduler)
-        self.world = world
+        for lane in lanes:
+            optimizer, scheduler = lane.optimizer_and_schedule()
+            lane.model, lane.optimizer = accelerator.prepare(lane.distiller, optimizer)
+            # The schedule is stepped once per optimizer step by us (a prepared scheduler would step
+            # once per process); it is still saved and restored with the checkpoints.
+            lane.scheduler = scheduler
+            accelerator.register_for_checkpointing(scheduler)
+        self.writers: dict[str, SummaryWriter] = {}
 
     # ------------------------------------------------------------------------------------- batches
 
-    def _micro_batches(self, step: int) -> list[dict[str, Tensor]]:
-        """Micro-batches of optimizer step ``step`` (1-based) for this process."""
+    def _micro_batches(self, step: int) -> dict[bool, list[dict[str, Tensor]]]:
+        """Micro-batches of optimizer step ``step`` (1-based) for this process, per input variant."""
         tc, acc = self.cfg.train, self.acc
-        out = []
+        out: dict[bool, list] = {v: [] for v in self.variants}
         for micro in range(tc.grad_accum):
             number = ((step - 1) * tc.grad_accum + micro) * self.world + acc.process_index
             sequences = [self.train_set[i] for i in self.order.indices(number)]
-            batch = make_batch(
-                sequences,
-                self.tok,
-                mask=self.mask_inputs,
-                probability=self.cfg.data.mlm_probability,
-                seed=_seed_for(tc.seed, "train", number),
-            )
-            out.append({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()})
+            for masked in self.variants:
+                batch = make_batch(sequences, self.tok, mask=masked, probability=self.cfg.data.mlm_probability,
+                                   seed=_seed_for(tc.seed, "train", number))
+                out[masked].append({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()})
         return out
 
-    def _teacher_outputs(self, inputs: dict[str, Tensor], captured: Captured) -> ModelOutputs:
+    def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool) -> ModelOutputs:
         with torch.inference_mode(), self.acc.autocast():
-            out = self.teacher(**inputs)
+            out = self.teacher(**_inputs(batch))
         # Tensors made under inference_mode cannot be saved for backward: clone the few we keep.
-        logits = out.logits.clone() if self.distiller.needs_logits else None
+        logits = out.logits.clone() if masked in self.logit_variants else None
         return ModelOutputs(captured.clone(), logits)
 
-    @staticmethod
-    def _inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    def _active(self) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.failed is None]
 
     # ---------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self, s_cap: Captured, t_cap: Captured) -> dict[str, float]:
-        """Held-out distillation loss per term (fixed batches and masks: comparable across steps)."""
-        tc = self.cfg.train
-        self.model.eval()
-        sums = torch.zeros(len(self.terms), dtype=torch.float64, device=self.acc.device)
-        counts = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+    def evaluate(self, t_cap: Captured) -> dict[str, dict[str, float]]:
+        """Held-out distillation loss per lane and term (fixed batches and masks: comparable across steps)."""
+        tc, device = self.cfg.train, self.acc.device
+        lanes = self._active()
+        sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=device) for lane in lanes}
+        counts = {v: torch.zeros(2, dtype=torch.float64, device=device) for v in self.variants}
         n = min(len(self.heldout), tc.eval_batches * tc.batch_size)
+        for lane in lanes:
+            lane.model.eval()
         for start in range(0, n, tc.batch_size):
             seqs = [self.heldout[i] for i in range(start, min(start + tc.batch_size, n))]
-            batch = make_batch(
-                seqs, self.tok, mask=self.mask_inputs, probability=self.cfg.data.mlm_probability,
-                seed=_seed_for(tc.seed, "eval", start),
-            )
-            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            teacher = self._teacher_outputs(self._inputs(batch), t_cap)
-            with self.acc.autocast():
-                sums += self.model(self._inputs(batch), batch, teacher, s_cap).double()
-            counts += _counts([batch], self.acc.device)
-        self.model.train()
-        values = sums / counts[self.normalizers].clamp_min(1)
-        row = {f"eval/{t.kind}": float(v) for t, v in zip(self.terms, values)}
-        row["eval/loss"] = float((values * self.weights.to(values.device)).sum())
-        return row
+            for masked in self.variants:
+                batch = make_batch(seqs, self.tok, mask=masked, probability=self.cfg.data.mlm_probability,
+                                   seed=_seed_for(tc.seed, "eval", start))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                teacher = self._teacher_outputs(batch, t_cap, masked)
+                counts[masked] += _counts([batch], device)
+                for lane in lanes:
+                    if lane.masked_inputs == masked:
+                        with lane.own_random_stream(), self.acc.autocast():
+                            sums[lane.name] += lane.model(_inputs(batch), batch, teacher, lane.captured).double()
+        rows = {}
+        for lane in lanes:
+            lane.model.train()
+            values = sums[lane.name] / counts[lane.masked_inputs][lane.normalizers].clamp_min(1)
+            row = {f"eval/{t.kind}": float(v) for t, v in zip(lane.terms, values)}
+            row["eval/loss"] = float((values * lane.weights.to(values.device)).sum())
+            rows[lane.name] = row
+        return rows
 
     # ---------------------------------------------------------------------------------------- loop
 
+    def _lane_step(self, lane: Lane, step: int, batches: list[dict], teachers: list[ModelOutputs],
+                   counts: Tensor) -> tuple[Tensor, float] | None:
+        """Forward/backward over the micro-batches and one optimizer step; None when the lane failed."""
+        acc = self.acc
+        denominators = counts[lane.normalizers].clamp_min(1)  # an all-masked step gives 0, not NaN
+        scale = lane.weights.to(acc.device) * self.world / denominators
+        sums_total = torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device)
+        with lane.own_random_stream():
+            for i, (batch, teacher) in enumerate(zip(batches, teachers)):
+                with nullcontext() if i == len(batches) - 1 else acc.no_sync(lane.model):
+                    with acc.autocast():
+                        sums = lane.model(_inputs(batch), batch, teacher, lane.captured)
+                    acc.backward((sums * scale.to(sums.dtype)).sum())
+                sums_total += sums.detach().double()
+        values = acc.reduce(sums_total, reduction="sum") / denominators  # per term, normalized
+        loss = float((values * lane.weights.to(values.device)).sum())
+        if not math.isfinite(loss):
+            lane.optimizer.zero_grad(set_to_none=True)
+            parts = ", ".join(f"{t.kind}: {float(v):.4g}" for t, v in zip(lane.terms, values))
+            lane.failed = f"loss is {loss} at step {step} ({parts})"
+            return None
+        tc = lane.config.train
+        grad_norm = acc.clip_grad_norm_(lane.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+        lane.optimizer.step()
+        lane.scheduler.step()
+        lane.optimizer.zero_grad(set_to_none=True)
+        row = {"step": step, "loss": loss, "lr": lane.scheduler.get_last_lr()[0]}
+        row.update({f"loss/{t.kind}": float(v) for t, v in zip(lane.terms, values)})
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        return row
+
     def run(self) -> LoopResult:
-        tc, acc, run = self.cfg.train, self.acc, self.run_dir
-        start_step = 0
-        ckpt = latest_checkpoint(run.checkpoints)
+        tc, acc = self.cfg.train, self.acc
+        start_step, ckpt = 0, latest_checkpoint(self.checkpoints)
         if ckpt is not None:
-            start_step = load_checkpoint(acc, ckpt)
+            start_step, extra = load_checkpoint(acc, ckpt)
+            for lane in self.lanes:
+                lane.rng, lane.failed = extra["lanes"][lane.name]["rng"], extra["lanes"][lane.name]["failed"]
         if acc.is_main_process:
-            # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
-            run.truncate_metrics(start_step if ckpt is not None else -1)
+            for lane in self.lanes:
+                # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
+                lane.run.truncate_metrics(start_step if ckpt is not None else -1)
+                self.writers[lane.name] = SummaryWriter(str(lane.run.tensorboard))
         stop_at = min(tc.steps, tc.stop_at or tc.steps)
         result = LoopResult(start_step=start_step, final_step=start_step)
-        config_yaml = config_to_yaml(self.cfg)
         last_good = ckpt
 
         with ExitStack() as stack:
-            s_cap = stack.enter_context(capture(self.student, self.student_arch, self.s_request))
-            t_cap = stack.enter_context(capture(self.teacher, self.teacher_arch, self.t_request))
+            for lane in self.lanes:
+                lane.captured = stack.enter_context(capture(lane.student, lane.student_arch, lane.request))
+            t_cap = stack.enter_context(capture(self.teacher, self.teacher_arch, self.teacher_request))
             if start_step == 0:
-                result.evaluations.append(self._log_eval(0, s_cap, t_cap))
-            bar = tqdm(
-                total=tc.steps, initial=start_step, disable=not (self.progress and acc.is_main_process),
-                desc="distill", unit="step", dynamic_ncols=True,
-            )
-            self.model.train()
+                self._log_eval(0, t_cap, result)
+            bar = tqdm(total=tc.steps, initial=start_step, disable=not (self.progress and acc.is_main_process),
+                       desc="distill", unit="step", dynamic_ncols=True)
             tick, tokens_since = time.perf_counter(), 0.0
             for step in range(start_step + 1, stop_at + 1):
                 batches = self._micro_batches(step)
-                counts = acc.reduce(_counts(batches, acc.device), reduction="sum")  # (2,) global
-                denominators = counts[self.normalizers].clamp_min(1)  # all-masked step -> loss 0, not NaN
-                scale = self.weights.to(acc.device) * self.world / denominators
-                step_sums = torch.zeros(len(self.terms), dtype=torch.float64, device=acc.device)
-                for i, batch in enumerate(batches):
-                    sync = i == len(batches) - 1
-                    with nullcontext() if sync else acc.no_sync(self.model):
-                        teacher = self._teacher_outputs(self._inputs(batch), t_cap)
-                        with acc.autocast():
-                            sums = self.model(self._inputs(batch), batch, teacher, s_cap)
-                        acc.backward((sums * scale.to(sums.dtype)).sum())
-                    step_sums += sums.detach().double()
-                values = acc.reduce(step_sums, reduction="sum") / denominators  # per-term, normalized
-                loss = float((values * self.weights.to(values.device)).sum())
-                if not math.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    parts = ", ".join(f"{t.kind}: {float(v):.4g}" for t, v in zip(self.terms, values))
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"loss is {loss} at step {step} ({parts}): training stopped and {where}; "
-                        "lower train.lr, raise train.warmup_steps or use train.precision=no"
-                    )
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                counts = {v: acc.reduce(_counts(b, acc.device), reduction="sum") for v, b in batches.items()}
+                teachers = {v: [self._teacher_outputs(b, t_cap, v) for b in bs] for v, bs in batches.items()}
+                rows = {}
+                for lane in self._active():
+                    v = lane.masked_inputs
+                    row = self._lane_step(lane, step, batches[v], teachers[v], counts[v])
+                    if row is None:
+                        self._lane_failed(lane, step, last_good)
+                    else:
+                        rows[lane.name] = row
                 result.final_step = step
-
-                tokens_since += float(counts[0])
+                tokens_since += float(counts[self.variants[0]][0])
                 if step % tc.log_every == 0 or step == stop_at:
-                    elapsed = time.perf_counter() - tick
-                    row = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
-                    row.update({f"loss/{t.kind}": float(v) for t, v in zip(self.terms, values)})
-                    if grad_norm is not None:
-                        row["grad_norm"] = float(grad_norm)
-                    row["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
-                    self._log(row)
-                    bar.set_postfix(
-                        {"loss": f"{loss:.4f}", **{t.kind: f"{float(v):.3f}" for t, v in zip(self.terms, values)},
-                         "tok/s": f"{row['tokens_per_s']:.0f}"},
-                        refresh=False,
-                    )
+                    speed = tokens_since / max(time.perf_counter() - tick, 1e-9)
+                    for name, row in rows.items():
+                        self._log(self._lane(name), {**row, "tokens_per_s": speed})
+                    bar.set_postfix(self._postfix(rows, speed), refresh=False)
                     tick, tokens_since = time.perf_counter(), 0.0
                 bar.update(1)
+                if not self._active():
+                    break
                 if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
-                    result.evaluations.append(self._log_eval(step, s_cap, t_cap))
+                    self._log_eval(step, t_cap, result)
                 if (tc.save_every and step % tc.save_every == 0) or step == stop_at:
-                    last_good = save_checkpoint(acc, run.checkpoints, step, config_yaml=config_yaml, keep=tc.keep_checkpoints)
+                    last_good = self._save(step)
             bar.close()
-            finished_now = result.final_step == tc.steps and start_step < tc.steps
-            if finished_now and (not result.evaluations or result.evaluations[-1]["step"] != tc.steps):
-                result.evaluations.append(self._log_eval(tc.steps, s_cap, t_cap))
+            if result.final_step == tc.steps and start_step < tc.steps and self._active():
+                self._log_eval(tc.steps, t_cap, result)  # the periodic evaluation skips the last step
+        for writer in self.writers.values():
+            writer.close()
         result.stopped_early = result.final_step < tc.steps
         return result
 
-    def _log(self, row: dict) -> None:
-        if self.acc.is_main_process:
-            self.run_dir.log(row)
-        self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    # ----------------------------------------------------------------------------------- bookkeeping
 
-    def _log_eval(self, step: int, s_cap: Captured, t_cap: Captured) -> dict:
-        row = {"step": step, **self.evaluate(s_cap, t_cap)}
-        self._log(row)
-        return row
+    def _lane(self, name: str) -> Lane:
+        return next(lane for lane in self.lanes if lane.name == name)
+
+    def _postfix(self, rows: dict[str, dict], speed: float) -> dict[str, str]:
+        if len(self.lanes) == 1 and rows:
+            (row,) = rows.values()
+            parts = {"loss": f"{row['loss']:.4f}"}
+            parts.update({k.split("/", 1)[1]: f"{v:.3f}" for k, v in row.items() if k.startswith("loss/")})
+        else:
+            parts = {"lanes": f"{len(self._active())}/{len(self.lanes)}"}
+            parts.update({name: f"{row['loss']:.3f}" for name, row in list(rows.items())[:4]})
+        parts["tok/s"] = f"{speed:.0f}"
+        return parts
+
+    def _lane_failed(self, lane: Lane, step: int, last_good: Path | None) -> None:
+        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+        if not self.drop_failed_lanes:
+            raise TrainingError(
+                f"{lane.failed}: training stopped and {where}; lower train.lr, raise train.warmup_steps or use "
+                "train.precision=no"
+            )
+        self._log(lane, {"step": step, "failed": lane.failed})
+
+    def _save(self, step: int) -> Path:
+        extra = {"lanes": {lane.name: {"rng": lane.rng, "failed": lane.failed} for lane in self.lanes}}
+        return save_checkpoint(self.acc, self.checkpoints, step, config_yaml=self.state_yaml,
+                               keep=self.cfg.train.keep_checkpoints, extra=extra)
+
+    def _log(self, lane: Lane, row: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        lane.run.log(row)
+        writer = self.writers.get(lane.name)
+        if writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, row["step"])
+
+    def _log_eval(self, step: int, t_cap: Captured, result: LoopResult) -> None:
+        for name, values in self.evaluate(t_cap).items():
+            row = {"step": step, **values}
+            self._log(self._lane(name), row)
+            result.evaluations.setdefault(name, []).append(row)

@@ -1,0 +1,162 @@
+"""A lane: one student being distilled, with everything that is its own.
+
+The loop (``training/loop.py``) drives one or many lanes over the same batches and one teacher
+forward per batch: a single ``tadistill distill`` is one lane, a comparative study is many. Each lane
+owns its student and projections, optimizer, schedule, run directory and **its own random stream**
+(dropout), swapped in around its forward/backward, so a lane trained beside others computes exactly
+what it would compute alone with the same seed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from transformers import get_scheduler
+
+from tadistill.capture.architectures import Architecture, resolve_architecture
+from tadistill.capture.hooks import Captured, CaptureRequest
+from tadistill.config import DistillConfig
+from tadistill.errors import ConfigError
+from tadistill.registry import OBJECTIVES
+from tadistill.students.spec import build_student_from_spec
+from tadistill.training.rundir import RunDir
+from tadistill.training.terms import ModelOutputs, Term, merge_requests
+
+# Settings every lane of one pass must share: they define the batches and the step count.
+SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every", "eval_batches", "save_every",
+                       "log_every", "stop_at", "precision", "keep_checkpoints")
+
+
+class Distiller(nn.Module):
+    """Student + loss terms in one module, so that one DDP / FSDP wrapper covers every trained weight."""
+
+    def __init__(self, student: nn.Module, terms: list[Term]):
+        super().__init__()
+        self.student = student
+        self.terms = nn.ModuleList(terms)
+        self.needs_logits = any(t.needs_logits for t in terms)
+
+    def forward(self, inputs: dict[str, Tensor], batch: dict[str, Tensor], teacher: ModelOutputs, captured: Captured):
+        out = self.student(**inputs)
+        student = ModelOutputs(captured, out.logits if self.needs_logits else None)
+        return torch.stack([term(student, teacher, batch).float() for term in self.terms])  # (n_terms,) sums
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Lane:
+    name: str
+    config: DistillConfig
+    run: RunDir
+    student: nn.Module
+    student_arch: Architecture
+    terms: list[Term]
+    distiller: Distiller
+    rng: dict[str, Any] = field(default_factory=_rng_state)
+    model: nn.Module | None = None  # the prepared (possibly wrapped) distiller
+    optimizer: Any = None
+    scheduler: Any = None
+    failed: str | None = None
+    captured: Captured | None = None  # set while the loop's capture context is open
+
+    @property
+    def request(self) -> CaptureRequest:
+        return merge_requests([t.student_request for t in self.terms])
+
+    @property
+    def teacher_request(self) -> CaptureRequest:
+        return merge_requests([t.teacher_request for t in self.terms])
+
+    @property
+    def masked_inputs(self) -> bool:
+        """Relation / hidden-state terms see clean text; masked-LM terms see BERT-masked text."""
+        return any(t.kind == "mlm" or (t.kind == "output-kl" and t.cfg.positions == "masked") for t in self.terms)
+
+    @property
+    def weights(self) -> Tensor:
+        return torch.tensor([t.weight for t in self.terms], dtype=torch.float64)
+
+    @property
+    def normalizers(self) -> list[int]:
+        """Per term: 0 = divide by valid tokens, 1 = by masked-LM positions."""
+        return [0 if t.normalizer == "tokens" else 1 for t in self.terms]
+
+    @contextmanager
+    def own_random_stream(self):
+        """Run a block with this lane's RNG state, and keep where it left off."""
+        outer = _rng_state()
+        _set_rng_state(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = _rng_state()
+            _set_rng_state(outer)
+
+    def optimizer_and_schedule(self):
+        tc = self.config.train
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
+            ],
+            lr=tc.lr,
+            betas=tc.adam_betas,
+            eps=tc.adam_eps,
+        )
+        warmup = max(tc.warmup_steps, int(tc.warmup_ratio * tc.steps))
+        names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+        scheduler = get_scheduler(names[tc.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=tc.steps)
+        return optimizer, scheduler
+
+
+def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Module, teacher_arch: Architecture,
+               tokenizer) -> Lane:
+    """Student, terms and random stream of one lane, from its config; raises on a config that cannot work.
+
+    The global seed is set here, right before anything random is drawn, so a lane starts from the same
+    weights and stream whether it is built alone or among others.
+    """
+    set_seed(config.train.seed)
+    active = [o for o in config.objectives if o.weight > 0]
+    if not active:
+        raise ConfigError("every objective has weight 0: give at least one a positive weight")
+    student_logits = any(o.kind in ("output-kl", "mlm") for o in active)
+    if student_logits and tokenizer.mask_token_id is None:
+        raise ConfigError(f"teacher {config.teacher!r} has no [MASK] token: masked-LM objectives need one")
+    student = build_student_from_spec(config, teacher, tokenizer, head="mlm" if student_logits else "base")
+    student_arch = resolve_architecture(student)
+    terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in active]
+    return Lane(name, config, run, student, student_arch, terms, Distiller(student, terms))
+
+
+def check_shared(lanes: list[Lane]) -> None:
+    """Lanes trained in one pass must agree on the data and on the step structure."""
+    first = lanes[0].config
+    for lane in lanes[1:]:
+        for key in SHARED_TRAIN_FIELDS:
+            a, b = getattr(first.train, key), getattr(lane.config.train, key)
+            if a != b:
+                raise ConfigError(
+                    f"cells trained in one pass must share train.{key} ({lanes[0].name}: {a}, {lane.name}: {b}): "
+                    "set it in the study's shared settings"
+                )
+        if lane.config.data != first.data or lane.config.teacher != first.teacher:
+            raise ConfigError(f"cells trained in one pass must share the teacher and data ({lane.name} differs)")
