@@ -30,16 +30,20 @@ TEXTS = [
 def _vocab() -> list[str]:
     words = sorted({w for t in TEXTS for w in re.findall(r"\w+|[^\w\s]", t.lower())})
     chars = sorted({c for w in words for c in w})
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *[f"##{c}" for c in chars]]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *[f"##{c}" for c in chars]]
+    return list(dict.fromkeys(tokens))  # one-letter words are also characters
 
 
 def _write_tokenizer(folder: Path):
-    from transformers import BertTokenizerFast
+    """A WordPiece tokenizer over the words of TEXTS (plus characters), saved to ``folder``."""
+    from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+    # transformers 5 ignores BertTokenizerFast(vocab_file=...); loading the folder works in 4 and 5.
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == len(_vocab()), "the tiny vocabulary was not loaded"
     tok.save_pretrained(folder)
     return tok
 

@@ -165,10 +165,10 @@ Objective = Annotated[
 class DataConfig(_Strict):
     """Unlabeled text: where it comes from and how it becomes batches."""
 
-    source: str = Field(
+    source: str | list[str] = Field(
         "builtin",
         description="'builtin' (English prose from the Python docs), a .txt/.jsonl/.parquet file, a folder "
-        "of them, or a Hugging Face dataset name.",
+        "of them, a Hugging Face dataset name, or a list of these (e.g. one corpus per language).",
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/hub datasets.")
     split: str = Field("train", description="Split of a hub dataset.")

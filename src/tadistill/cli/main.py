@@ -1,4 +1,4 @@
-"""``tadistill`` command line: distill, demo, recipes, inspect.
+"""``tadistill`` command line: distill, demo, recipes, inspect, evaluate, compare, report.
 
 Every subcommand is a thin layer over the Python API. User mistakes (TadistillError) print one line,
 ``error: ...``, and exit with status 2; there is no traceback for them.
@@ -62,6 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_OR_SPEC",
                    help="local path, hub id or 'builtin', optionally @LAYERSxHIDDEN[xHEADS] (e.g. builtin@3x384)")
     p.add_argument("--seq-len", type=int, default=128, help="sequence length for attention FLOPs (default 128)")
+
+    p = sub.add_parser("evaluate", help="what a student kept and what it costs, against its teacher")
+    p.add_argument("student", help="student folder (a run's student/ or any checkpoint)")
+    p.add_argument("--teacher", required=True, help="teacher: local path, hub id or 'builtin'")
+    p.add_argument("--tasks", nargs="*", default=["stdlib-topic"],
+                   help="known task names (GLUE, xnli-<lang>, stdlib-topic) or local CSV/JSONL files")
+    p.add_argument("--mode", choices=["probe", "finetune"], default="probe", help="linear probe or fine-tuning")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--texts", default="builtin", help="corpus whose held-out split gives the fidelity texts")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--out", help="folder for results.json/.csv/.md (default: next to the student, evaluation/)")
+
+    p = sub.add_parser("compare", help="train and evaluate a study: methods x student shapes, one table")
+    p.add_argument("study", nargs="?", help="study YAML (see docs); or --example")
+    p.add_argument("--example", action="store_true", help="run the built-in example study")
+    p.add_argument("--out", help="study folder (default: runs/<study name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="skip finished cells, continue an interrupted pass")
+    p.add_argument("--overwrite", action="store_true", help="replace the study in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("report", help="rebuild tables and plots of finished studies")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="study folders written by tadistill compare")
     return parser
 
 
@@ -113,7 +136,60 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tadistill.config import DataConfig
+    from tadistill.data.prepare import heldout_texts
+    from tadistill.evaluation.suite import EvaluationSuite
+    from tadistill.reports.tables import write_results
+    from tadistill.study.config import EvaluationSpec
+
+    spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency)
+    texts = heldout_texts(args.texts, DataConfig(source=args.texts), seed=0, limit=spec.fidelity_texts)
+    suite = EvaluationSuite(teacher=args.teacher, texts={"": texts}, spec=spec, max_length=args.max_length)
+    rows = [suite.evaluate_teacher(), suite.evaluate_student(args.student, name="student")]
+    out = Path(args.out) if args.out else Path(args.student).resolve().parent / "evaluation"
+    paths = write_results(out, rows)
+    print(Path(paths["md"]).read_text())
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from importlib import resources
+    from pathlib import Path
+
+    from tadistill.errors import ConfigError
+    from tadistill.study.compare import compare, load_study
+
+    if bool(args.example) == bool(args.study):
+        raise ConfigError("give a study YAML or --example (not both)")
+    path = Path(str(resources.files("tadistill") / "study" / "example.yaml")) if args.example else Path(args.study)
+    study = load_study(path)
+    out = args.out or _default_out(study.name)
+    report = compare(study, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    table = Path(report) / "study.md"
+    if table.is_file():
+        print(table.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tadistill.study.report import build_report
+
+    for run in args.runs:
+        report = build_report(run)
+        print((report / "study.md").read_text())
+        print(f"report: {report}")
+    return 0
+
+
+COMMANDS = {
+    "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
+    "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
+}
 
 
 def _quiet_libraries() -> None:

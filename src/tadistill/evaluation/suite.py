@@ -1,0 +1,107 @@
+"""One evaluation suite for a teacher and its students: what a student kept and what it costs.
+
+Each model becomes one flat row of numbers (``results.json`` / ``.csv`` / ``.md``):
+
+- cost: ``params``, ``flops_per_token``, ``size_mb``, ``latency_b1_ms`` / ``latency_b32_ms`` and
+  throughput, measured for teacher and student in the same call, and ``speedup_b1`` / ``speedup_b32``;
+- fidelity on held-out text (students): ``fidelity/<metric>``, or ``fidelity[<lang>]/<metric>`` per
+  language of a multilingual study (output KL, cosine and CKA of final and mapped hidden states,
+  attention-relation KL, sentence-embedding cosine and nearest-neighbour overlap@10);
+- intrinsic quality: ``intrinsic/mlm_perplexity`` (MLM heads) or ``intrinsic/perplexity`` (causal LMs);
+- downstream: ``<task>/<metric>`` (mean over seeds) and ``<task>/<metric>_std``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from tadistill.errors import ModelError
+from tadistill.evaluation.cost import count_parameters, flops_per_token
+from tadistill.evaluation.downstream import evaluate_task
+from tadistill.evaluation.fidelity import fidelity
+from tadistill.evaluation.intrinsic import causal_perplexity, has_lm_head, masked_lm_perplexity
+from tadistill.evaluation.latency import compare_latency, flatten_latency, measure_latency, size_on_disk
+from tadistill.loading import load_pretrained, load_tokenizer, resolve_model_path
+
+
+def _load_with_head(name: str, *, trust_remote_code: bool, what: str):
+    """The model with its masked-LM head when it has one (for output KL and perplexity), else the base."""
+    try:
+        return load_pretrained(name, head="mlm", trust_remote_code=trust_remote_code, what=what)
+    except ModelError:
+        return load_pretrained(name, head="base", trust_remote_code=trust_remote_code, what=what)
+
+
+class EvaluationSuite:
+    """Evaluate the teacher once, then any number of students against it with the same settings."""
+
+    def __init__(self, *, teacher: str, texts: dict[str, list[str]], spec, max_length: int = 128,
+                 trust_remote_code: bool = False):
+        self.teacher_name, self.texts, self.spec, self.max_length = teacher, texts, spec, max_length
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+        self.teacher = _load_with_head(teacher, trust_remote_code=trust_remote_code, what="teacher").eval()
+
+    # ------------------------------------------------------------------------------------ pieces
+
+    def _cost(self, model, path: Path) -> dict[str, Any]:
+        return {
+            "params": count_parameters(model),
+            "flops_per_token": flops_per_token(model.config, seq_len=self.max_length),
+            "size_mb": round(size_on_disk(path) / 2**20, 2),
+        }
+
+    def _intrinsic(self, model) -> dict[str, float]:
+        texts = [t for ts in self.texts.values() for t in ts]
+        head = has_lm_head(model)
+        if head == "mlm":
+            return {"intrinsic/mlm_perplexity": masked_lm_perplexity(model, self.tokenizer, texts,
+                                                           max_length=self.max_length)["mlm_perplexity"]}
+        if head == "causal-lm":
+            return {"intrinsic/perplexity": causal_perplexity(model, self.tokenizer, texts,
+                                                    max_length=self.max_length)["perplexity"]}
+        return {}
+
+    def _tasks(self, path: Path) -> dict[str, float]:
+        row: dict[str, float] = {}
+        spec = self.spec
+        for task in spec.tasks:
+            result = evaluate_task(str(path), task, mode=spec.mode, seeds=tuple(spec.seeds),
+                                   max_train=spec.max_train, max_eval=spec.max_eval, max_length=self.max_length)
+            for metric, stats in result["metrics"].items():
+                row[f"{task}/{metric}"] = stats["mean"]
+                row[f"{task}/{metric}_std"] = stats["std"]
+        return row
+
+    def _latency_kwargs(self) -> dict[str, Any]:
+        return {"vocab_size": len(self.tokenizer), "seq_len": self.max_length}
+
+    # ------------------------------------------------------------------------------------ public
+
+    def evaluate_teacher(self) -> dict[str, Any]:
+        path = Path(resolve_model_path(self.teacher_name))
+        row: dict[str, Any] = {"model": "teacher", "path": self.teacher_name, **self._cost(self.teacher, path)}
+        if self.spec.latency:
+            row.update(flatten_latency(measure_latency(self.teacher, **self._latency_kwargs())))
+        row.update(self._intrinsic(self.teacher))
+        row.update(self._tasks(path))
+        return row
+
+    def evaluate_student(self, path: str | Path, *, name: str | None = None,
+                         teacher_row: dict | None = None) -> dict[str, Any]:
+        path = Path(path)
+        student = _load_with_head(str(path), trust_remote_code=self.trust_remote_code, what="student").eval()
+        row: dict[str, Any] = {"model": name or path.parent.name, "path": str(path), **self._cost(student, path)}
+        for lang, texts in self.texts.items():
+            prefix = f"fidelity[{lang}]/" if lang else "fidelity/"
+            values = fidelity(self.teacher, student, self.tokenizer, texts, max_length=self.max_length)
+            row.update({prefix + k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        if self.spec.latency:
+            both = compare_latency(self.teacher, student, **self._latency_kwargs())
+            row.update(flatten_latency(both["student"]))
+            row.update({f"speedup_b{k.removeprefix('batch_')}": v for k, v in both["speedup"].items()})
+        row.update(self._intrinsic(student))
+        row.update(self._tasks(path))
+        return row

@@ -1,0 +1,270 @@
+"""``tadistill compare``: train every cell of a study in one pass, evaluate each student, write the report.
+
+Study folder (``--out DIR``)::
+
+    DIR/study.yaml              the resolved study
+    DIR/cells/<method>_<shape>/ a run directory per cell (config, metrics, student, summary) + status.json
+    DIR/checkpoints/            the shared pass (all lanes of one Accelerate state), written atomically
+    DIR/pass.json               the cells of the current pass
+    DIR/report/                 study table (Markdown, CSV), PNG plots, the resolved config of every cell
+
+A cell that fails (a config that cannot work, a NaN loss, an evaluation error) is reported with its
+one-line error and the others go on. ``--resume`` skips finished cells and continues an interrupted
+pass from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tadistill.config import DistillConfig
+from tadistill.data.prepare import heldout_texts, prepare_corpus
+from tadistill.errors import ConfigError, RunDirError, TadistillError
+from tadistill.fileio import atomic_write_text
+from tadistill.resolve import resolve_config
+from tadistill.study.config import StudyConfig
+from tadistill.training.lane import SHARED_TRAIN_FIELDS, Lane, build_lane
+from tadistill.training.loop import TokenizerInfo, Trainer
+from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, load_teacher, new_accelerator, start_cosine
+from tadistill.training.rundir import RunDir, config_to_yaml
+
+STUDY_FILE = "study.yaml"
+
+
+@dataclass
+class Cell:
+    name: str
+    method: str
+    shape: str
+    config: DistillConfig | None
+    error: str | None = None
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} not found: check the path (or use --example)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return StudyConfig.model_validate(data)
+    except yaml.YAMLError:
+        raise ConfigError(f"study file {path} is not valid YAML: fix the file") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"study {path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def _shared_overrides(study: StudyConfig) -> list[str]:
+    out = [f"teacher={study.teacher}", f"trust_remote_code={str(study.trust_remote_code).lower()}"]
+    data = dict(study.data)
+    if study.languages:
+        data["source"] = list(study.languages.values())
+    for key, value in data.items():
+        out.append(f"data.{key}={json.dumps(value)}")
+    train = dict(study.train)
+    if study.budget is not None:
+        if study.budget.steps:
+            train["steps"] = study.budget.steps
+        else:
+            per_step = train.get("batch_size", 32) * data.get("max_length", 128) * train.get("grad_accum", 1)
+            train["steps"] = max(1, study.budget.tokens // per_step)
+    for key, value in train.items():
+        out.append(f"train.{key}={json.dumps(value)}")
+    return out
+
+
+def expand_cells(study: StudyConfig) -> list[Cell]:
+    """methods x students -> cells with resolved configs (a cell whose config fails carries its error)."""
+    shared = _shared_overrides(study)
+    cells = []
+    for method in study.methods:
+        for shape in study.students:
+            name = f"{method.name}_{shape.name}"
+            try:
+                for assignment in method.set:
+                    key = assignment.split("=", 1)[0].strip()
+                    shared_key = key.startswith("train.") and key.split(".", 1)[1] in SHARED_TRAIN_FIELDS
+                    if shared_key or key.startswith("data.") or key == "teacher":
+                        raise ConfigError(f"method {method.name} sets {key}, which every cell of a study shares")
+                config = resolve_config(method.recipe, overrides=[*method.set, *shared, *shape.overrides()])
+                cells.append(Cell(name, method.name, shape.name, config))
+            except TadistillError as exc:
+                cells.append(Cell(name, method.name, shape.name, None, str(exc)))
+    return cells
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def _status_path(out: Path, cell: str) -> Path:
+    return out / "cells" / cell / "status.json"
+
+
+def read_status(out: Path, cell: str) -> dict[str, Any]:
+    path = _status_path(out, cell)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"state": "new"}
+
+
+def write_status(out: Path, cell: str, state: str, **extra: Any) -> None:
+    atomic_write_text(_status_path(out, cell), json.dumps({"state": state, **extra}, indent=2))
+
+
+def _comparable(study: dict) -> dict:
+    """A study as compared on --resume: train.stop_at may change (it only splits the pass into jobs)."""
+    study = dict(study, train=dict(study.get("train") or {}))
+    study["train"].pop("stop_at", None)
+    return study
+
+
+def _prepare_study_dir(study: StudyConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
+    path = out / STUDY_FILE
+    resolved = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other: pass one of them")
+    if path.is_file():
+        if resume:
+            if _comparable(yaml.safe_load(path.read_text(encoding="utf-8"))) != _comparable(yaml.safe_load(resolved)):
+                raise RunDirError(f"cannot resume {out}: it holds a different study; choose another --out")
+            atomic_write_text(path, resolved)
+            return
+        if not overwrite:
+            raise RunDirError(f"{out} already holds a study: pass --resume to continue it, --overwrite to replace it")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise RunDirError(f"--out {out} exists and is not a tadistill study: choose another directory")
+    elif resume:
+        raise RunDirError(f"nothing to resume in {out}: it holds no study")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, resolved)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
+    """One pass over the data for every cell still to train; the teacher runs once per batch."""
+    todo = [c for c in cells if c.config is not None and read_status(out, c.name)["state"] == "new"]
+    if not todo:
+        return
+    pass_file = out / "pass.json"
+    resuming = pass_file.is_file()
+    if resuming:
+        names = json.loads(pass_file.read_text(encoding="utf-8"))["cells"]
+        todo = [c for c in cells if c.name in names]
+    began = time.perf_counter()
+    configs = [c.config for c in todo]
+    tokenizer, teacher, t_arch = load_teacher(configs)
+    lanes: list[Lane] = []
+    for cell in todo:
+        try:
+            run = RunDir(out / "cells" / cell.name)
+            lane = build_lane(cell.name, cell.config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
+            lanes.append(lane)
+        except TadistillError as exc:
+            cell.error = str(exc)
+            write_status(out, cell.name, "failed", error=cell.error)
+    if not lanes:
+        return
+    first = lanes[0].config
+    splits = prepare_corpus(first.data, tokenizer, seed=first.train.seed,
+                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
+    texts = splits.heldout_texts[:SUMMARY_TEXTS]
+    cosines = {lane.name: start_cosine(lane, teacher, tokenizer, texts) for lane in lanes}
+    for lane in lanes:
+        lane.run.prepare(lane.config, resume=resuming, overwrite=False)
+    atomic_write_text(pass_file, json.dumps({"cells": [lane.name for lane in lanes]}))
+    accelerator = new_accelerator(first.train.precision)
+    state_yaml = yaml.safe_dump({lane.name: lane.config.model_dump(mode="json") for lane in lanes}, sort_keys=False)
+    trainer = Trainer(
+        lanes, accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
+        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=out / "checkpoints", state_yaml=state_yaml,
+        progress=progress, drop_failed_lanes=True,
+    )
+    result = trainer.run()
+    if result.stopped_early and any(lane.failed is None for lane in lanes):
+        return  # train.stop_at: the pass continues with --resume
+    for lane in lanes:
+        if lane.failed:
+            write_status(out, lane.name, "failed", error=lane.failed)
+            continue
+        finish_lane(lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
+                    steps=result.final_step, train_tokens=splits.train.num_tokens(),
+                    cosine_start=cosines[lane.name], began=began)
+        write_status(out, lane.name, "trained")
+    pass_file.unlink()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the students are saved; the pass is over
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+def evaluation_texts(study: StudyConfig, config: DistillConfig) -> dict[str, list[str]]:
+    """Held-out texts for fidelity: one list, or one per language of a multilingual study."""
+    limit = study.evaluation.fidelity_texts
+    seed = config.train.seed
+    if study.languages:
+        return {lang: heldout_texts(src, config.data, seed=seed, limit=limit) for lang, src in study.languages.items()}
+    source = config.data.source if isinstance(config.data.source, str) else config.data.source[0]
+    return {"": heldout_texts(source, config.data, seed=seed, limit=limit)}
+
+
+def evaluate_cells(study: StudyConfig, cells: list[Cell], out: Path) -> dict[str, Any]:
+    """Evaluate the teacher once and every trained student with the same suite; results per cell."""
+    from tadistill.evaluation.suite import EvaluationSuite
+
+    configs = [c.config for c in cells if c.config is not None]
+    if not configs:
+        return {}
+    suite = EvaluationSuite(
+        teacher=study.teacher, texts=evaluation_texts(study, configs[0]), spec=study.evaluation,
+        max_length=configs[0].data.max_length, trust_remote_code=study.trust_remote_code,
+    )
+    teacher_path = out / "report" / "teacher.json"
+    if teacher_path.is_file():
+        teacher_row = json.loads(teacher_path.read_text(encoding="utf-8"))
+    else:
+        teacher_row = suite.evaluate_teacher()
+        atomic_write_text(teacher_path, json.dumps(teacher_row, indent=2))
+    rows = {"teacher": teacher_row}
+    for cell in cells:
+        status = read_status(out, cell.name)
+        if status["state"] == "trained":
+            try:
+                row = suite.evaluate_student(out / "cells" / cell.name / "student", teacher_row=teacher_row)
+                write_status(out, cell.name, "evaluated", results=row)
+                status = read_status(out, cell.name)
+            except TadistillError as exc:
+                write_status(out, cell.name, "failed", error=f"evaluation: {exc}")
+                status = read_status(out, cell.name)
+        rows[cell.name] = status
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ public
+
+
+def compare(study: StudyConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Train, evaluate and report a study; return the report folder."""
+    from tadistill.study.report import build_report
+
+    out = Path(out)
+    _prepare_study_dir(study, out, resume=resume, overwrite=overwrite)
+    cells = expand_cells(study)
+    for cell in cells:
+        if cell.error and read_status(out, cell.name)["state"] != "failed":
+            write_status(out, cell.name, "failed", error=cell.error)
+    train_cells(cells, out, progress=progress)
+    if (out / "pass.json").is_file():
+        return out / "report"  # stopped early (train.stop_at); --resume continues
+    evaluate_cells(study, cells, out)
+    return build_report(out)

@@ -1,0 +1,112 @@
+"""A comparative study: methods x student shapes, one budget, one evaluation suite.
+
+Example (``tadistill compare study.yaml --out runs/study``)::
+
+    name: my-study
+    teacher: builtin
+    data: {source: builtin, max_length: 64}
+    train: {steps: 400, batch_size: 8}          # shared by every cell (or budget.tokens)
+    methods:
+      - {name: hs-uniform, recipe: hs, set: [objectives.hidden.mapping=uniform]}
+      - {name: minilmv2, recipe: minilmv2}
+    students: [3x384, 6x192]                    # LAYERSxHIDDEN[xHEADS]
+    evaluation: {tasks: [stdlib-topic], mode: probe, seeds: [0, 1, 2]}
+
+Every cell is the method's recipe with the method's ``set`` overrides, the study's teacher / data /
+train settings, and the student shape. All cells train in one pass over the data that runs the
+teacher once per batch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodSpec(_Strict):
+    name: str = Field(description="Row label of the method in the study table.")
+    recipe: str = Field(description="Recipe the method starts from (tadistill recipes).")
+    set: list[str] = Field(default_factory=list, description="key=value overrides of the recipe.")
+
+
+class StudentShape(_Strict):
+    layers: int = Field(ge=1)
+    hidden: int | None = Field(None, ge=1, description="null keeps the teacher's width.")
+    heads: int | None = Field(None, ge=1, description="null keeps the teacher's head count.")
+
+    @property
+    def name(self) -> str:
+        return f"{self.layers}x{self.hidden or 'T'}" + (f"x{self.heads}" if self.heads else "")
+
+    def overrides(self) -> list[str]:
+        out = [f"student.num_layers={self.layers}"]
+        if self.hidden:
+            out.append(f"student.hidden_size={self.hidden}")
+        if self.heads:
+            out.append(f"student.num_heads={self.heads}")
+        return out
+
+
+class Budget(_Strict):
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1, description="Tokens per cell; steps = tokens / (batch x length x accum).")
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of budget.steps and budget.tokens")
+        return self
+
+
+class EvaluationSpec(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["stdlib-topic"], description="Known task names or local files.")
+    mode: Literal["probe", "finetune"] = "probe"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    max_train: int | None = Field(2000, ge=1, description="Training examples per task (subsampled, seeded).")
+    max_eval: int | None = Field(1000, ge=1)
+    fidelity_texts: int = Field(256, ge=12, description="Held-out texts for fidelity metrics.")
+    latency: bool = True
+
+
+class StudyConfig(_Strict):
+    name: str = "study"
+    teacher: str = "builtin"
+    trust_remote_code: bool = False
+    data: dict[str, Any] = Field(default_factory=dict, description="DataConfig fields shared by all cells.")
+    languages: dict[str, str] | None = Field(
+        None, description="Multilingual: language -> corpus source; training uses all, the report splits by language."
+    )
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared by all cells.")
+    budget: Budget | None = None
+    methods: list[MethodSpec] = Field(min_length=1)
+    students: list[StudentShape] = Field(min_length=1)
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    @field_validator("students", mode="before")
+    @classmethod
+    def _parse_shapes(cls, value):
+        out = []
+        for item in value or []:
+            if isinstance(item, str):
+                m = _SHAPE.match(item.strip())
+                if not m:
+                    raise ValueError(f"student shape {item!r} must look like LAYERSxHIDDEN[xHEADS], e.g. 6x384")
+                out.append({"layers": int(m[1]), "hidden": int(m[2]), "heads": int(m[3]) if m[3] else None})
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StudyConfig:
+        names = [m.name for m in self.methods]
+        if len(names) != len(set(names)):
+            raise ValueError(f"method names must be unique, got {names}")
+        return self

@@ -1,0 +1,85 @@
+"""Latency, throughput and size on disk (evaluation/latency.py)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from tadistill.errors import ConfigError, ModelError
+from tadistill.evaluation.latency import compare_latency, flatten_latency, measure_latency, size_on_disk
+
+V = 100
+
+
+def bert(layers: int, hidden: int = 64) -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=4 * hidden, max_position_embeddings=128)
+    return BertModel(config)
+
+
+def test_measure_latency_keys_and_positive_values() -> None:
+    model = bert(2, hidden=32)
+    model.train()
+    result = measure_latency(model, vocab_size=V, batch_sizes=(1, 32), seq_len=64, repeats=5, warmup=1)
+    assert set(result) == {"batch_1", "batch_32"}
+    for batch, stats in ((1, result["batch_1"]), (32, result["batch_32"])):
+        assert set(stats) == {"median_ms", "p90_ms", "sequences_per_s", "tokens_per_s"}
+        assert stats["median_ms"] > 0
+        assert stats["p90_ms"] >= stats["median_ms"]
+        assert stats["sequences_per_s"] == pytest.approx(batch * 1e3 / stats["median_ms"])
+        assert stats["tokens_per_s"] == pytest.approx(64 * stats["sequences_per_s"])
+    # 32 sequences per call cost more per call than 1.
+    assert result["batch_32"]["median_ms"] > result["batch_1"]["median_ms"]
+    assert model.training, "the training flag must be restored"
+
+
+def test_flatten_latency_keys() -> None:
+    result = {"batch_1": {"median_ms": 2.0, "p90_ms": 3.0, "sequences_per_s": 500.0, "tokens_per_s": 64000.0}}
+    assert flatten_latency(result) == {"latency_b1_ms": 2.0, "latency_b1_p90_ms": 3.0, "tokens_per_s_b1": 64000.0}
+
+
+def test_compare_latency_small_student_is_faster() -> None:
+    teacher, student = bert(4), bert(1)
+    result = compare_latency(teacher, student, vocab_size=V, batch_sizes=(8,), seq_len=64, repeats=15, warmup=2)
+    assert set(result) == {"teacher", "student", "speedup"}
+    speedup = result["speedup"]["batch_8"]
+    assert speedup == pytest.approx(result["teacher"]["batch_8"]["median_ms"] / result["student"]["batch_8"]["median_ms"])
+    # Four blocks against one of the same width: well above 1 even on a noisy machine.
+    assert speedup > 1.5
+
+
+def test_latency_argument_errors() -> None:
+    model = bert(1, hidden=32)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        measure_latency(model, vocab_size=V, batch_sizes=(1,), seq_len=512, repeats=1)
+    with pytest.raises(ConfigError, match="repeats"):
+        measure_latency(model, vocab_size=V, repeats=0)
+    with pytest.raises(ConfigError, match="batch"):
+        measure_latency(model, vocab_size=V, batch_sizes=())
+
+
+def test_size_on_disk_equals_weight_file(tmp_path) -> None:
+    model = bert(1, hidden=32)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    weights = tmp_path / "model.safetensors"
+    assert size_on_disk(tmp_path) == weights.stat().st_size > 0
+    assert size_on_disk(weights) == weights.stat().st_size
+    # A stale .bin next to the safetensors file is not what gets loaded: it does not count.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 1000)
+    assert size_on_disk(tmp_path) == weights.stat().st_size
+    weights.unlink()
+    assert size_on_disk(tmp_path) == 1000
+
+
+def test_size_on_disk_errors(tmp_path) -> None:
+    with pytest.raises(ModelError, match="no model folder"):
+        size_on_disk(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no \\*.safetensors"):
+        size_on_disk(tmp_path)
