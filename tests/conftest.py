@@ -67,6 +67,24 @@ def make_tiny_bert(
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The WordPiece tokenizer of the tiny models (real words of TEXTS, not [UNK])."""
+    return _write_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core box crawl.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the thread count is restored.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 4x32 BERT with an MLM head."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-mlm"))

@@ -22,6 +22,8 @@ FILLERS = [
     "python ships its documentation with every installation",
 ]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _sentiment_rows(n: int, offset: int = 0) -> list[tuple[str, None, int]]:
     """Separable synthetic task: label 1 iff the text opens with "good" (both words tokenize to
@@ -50,13 +52,6 @@ def _regression_pair_task(n_train: int = 80, n_eval: int = 40) -> TaskData:
     return TaskData(spec, rows[:n_train], rows[n_train:])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on a busy 2-core machine thread synchronization costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

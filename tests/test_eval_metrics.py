@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
 
 from tadistill.data.masking import mask_tokens
 from tadistill.errors import ConfigError, DataError, ModelError
@@ -27,9 +27,11 @@ from tadistill.evaluation.metrics import (
     spearman,
 )
 
-from conftest import TEXTS, _vocab
+from conftest import TEXTS
 
 UNIQUE = list(dict.fromkeys(TEXTS))  # 8 distinct sentences of different lengths
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -181,22 +183,12 @@ def test_pearson_and_spearman_by_hand_with_ties() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core box crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    # Built from the vocabulary dict: with transformers 5, BertTokenizerFast(vocab_file=...) (as in
-    # conftest._write_tokenizer) ignores the file and keeps only the 5 special tokens.
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(_vocab())}, do_lower_case=True)
-    assert tok.unk_token_id not in tok(UNIQUE[0])["input_ids"]  # real words, not [UNK]
-    return tok
+def tokenizer(tiny_tokenizer):
+    assert tiny_tokenizer.unk_token_id not in tiny_tokenizer(UNIQUE[0])["input_ids"]  # real words, not [UNK]
+    return tiny_tokenizer
 
 
 def tiny_mlm(tokenizer, seed: int = 0) -> BertForMaskedLM:

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
 
 from tadistill.capture import CaptureRequest, capture, resolve_architecture
 from tadistill.errors import ConfigError
@@ -20,29 +20,21 @@ from tadistill.evaluation.fidelity import default_relation_heads, embedding_cosi
 from tadistill.evaluation.metrics import linear_cka
 from tadistill.objectives.attention import relation_kl
 
-from conftest import TEXTS, _vocab
+from conftest import TEXTS
 
 UNIQUE = list(dict.fromkeys(TEXTS))
 # 24 distinct texts of different lengths (sentence pairs), so no two sentence embeddings coincide.
 HELDOUT = [f"{a} {b}" for a, b in itertools.permutations(UNIQUE, 2)][:24]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core box crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    # From the vocabulary dict: with transformers 5, BertTokenizerFast(vocab_file=...) (conftest's
-    # _write_tokenizer) ignores the file and keeps only the 5 special tokens.
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(_vocab())}, do_lower_case=True)
-    assert tok.unk_token_id not in tok(HELDOUT[0])["input_ids"]
-    return tok
+def tokenizer(tiny_tokenizer):
+    assert tiny_tokenizer.unk_token_id not in tiny_tokenizer(HELDOUT[0])["input_ids"]  # real words, not [UNK]
+    return tiny_tokenizer
 
 
 def bert(tokenizer, *, layers=4, hidden=32, heads=4, seed=0, head=True):

@@ -146,3 +146,20 @@ def test_failing_cells_are_reported_and_the_others_go_on(tmp_path, tiny_teacher,
     assert status["minilm_2x32"]["state"] == "evaluated"
     table = (out / "report" / "study.md").read_text()
     assert "failed: " in table and "equal head counts" in table
+
+
+def test_multilingual_study_reports_fidelity_per_language(tmp_path, tiny_teacher, tiny_corpus, task_csv):
+    from conftest import TEXTS
+
+    second = tmp_path / "xx.txt"
+    second.write_text("\n\n".join(f"{t[::-1]} abschnitt {i}." for i, t in enumerate(TEXTS)) + "\n")
+    path = _study(tmp_path, tiny_teacher, tiny_corpus, task_csv,
+                  languages={"en": str(tiny_corpus), "xx": str(second)},
+                  methods=[{"name": "hs", "recipe": "hs"}], students=["2x32"])
+    out = tmp_path / "out"
+    report = compare(load_study(path), out=out, progress=False)
+    cell = yaml.safe_load((out / "cells" / "hs_2x32" / "config.yaml").read_text())
+    assert cell["data"]["source"] == [str(tiny_corpus), str(second)]  # trained on both corpora
+    row = next(r for r in csv.DictReader((report / "results.csv").open()) if r["model"] == "hs_2x32")
+    assert float(row["fidelity[en]/final_cka"]) > 0 and float(row["fidelity[xx]/final_cka"]) > 0
+    assert row["fidelity[en]/final_cka"] != row["fidelity[xx]/final_cka"]

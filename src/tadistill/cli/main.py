@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", default="builtin", help="corpus whose held-out split gives the fidelity texts")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--zero-shot", nargs="*", default=[], metavar="TASK",
+                   help="lm-evaluation-harness tasks for causal LMs (needs the lm-eval extra)")
     p.add_argument("--out", help="folder for results.json/.csv/.md (default: next to the student, evaluation/)")
 
     p = sub.add_parser("compare", help="train and evaluate a study: methods x student shapes, one table")
@@ -145,7 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tadistill.reports.tables import write_results
     from tadistill.study.config import EvaluationSpec
 
-    spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency)
+    spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency,
+                          zero_shot_tasks=args.zero_shot)
     texts = heldout_texts(args.texts, DataConfig(source=args.texts), seed=0, limit=spec.fidelity_texts)
     suite = EvaluationSuite(teacher=args.teacher, texts={"": texts}, spec=spec, max_length=args.max_length)
     rows = [suite.evaluate_teacher(), suite.evaluate_student(args.student, name="student")]

@@ -8,7 +8,8 @@ Each model becomes one flat row of numbers (``results.json`` / ``.csv`` / ``.md`
   language of a multilingual study (output KL, cosine and CKA of final and mapped hidden states,
   attention-relation KL, sentence-embedding cosine and nearest-neighbour overlap@10);
 - intrinsic quality: ``intrinsic/mlm_perplexity`` (MLM heads) or ``intrinsic/perplexity`` (causal LMs);
-- downstream: ``<task>/<metric>`` (mean over seeds) and ``<task>/<metric>_std``.
+- downstream: ``<task>/<metric>`` (mean over seeds) and ``<task>/<metric>_std``;
+- zero-shot (causal LMs, with lm-evaluation-harness installed): ``zero_shot/<task>/<metric>``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tadistill.evaluation.downstream import evaluate_task
 from tadistill.evaluation.fidelity import fidelity
 from tadistill.evaluation.intrinsic import causal_perplexity, has_lm_head, masked_lm_perplexity
 from tadistill.evaluation.latency import compare_latency, flatten_latency, measure_latency, size_on_disk
+from tadistill.evaluation.zero_shot import zero_shot
 from tadistill.loading import load_pretrained, load_tokenizer, resolve_model_path
 
 
@@ -87,6 +89,8 @@ class EvaluationSuite:
             row.update(flatten_latency(measure_latency(self.teacher, **self._latency_kwargs())))
         row.update(self._intrinsic(self.teacher))
         row.update(self._tasks(path))
+        if self.spec.zero_shot_tasks and has_lm_head(self.teacher) == "causal-lm":
+            row.update(zero_shot(str(path), self.spec.zero_shot_tasks))
         return row
 
     def evaluate_student(self, path: str | Path, *, name: str | None = None,
@@ -104,4 +108,6 @@ class EvaluationSuite:
             row.update({f"speedup_b{k.removeprefix('batch_')}": v for k, v in both["speedup"].items()})
         row.update(self._intrinsic(student))
         row.update(self._tasks(path))
+        if self.spec.zero_shot_tasks and has_lm_head(student) == "causal-lm":
+            row.update(zero_shot(str(path), self.spec.zero_shot_tasks))
         return row

@@ -74,6 +74,9 @@ class EvaluationSpec(_Strict):
     max_eval: int | None = Field(1000, ge=1)
     fidelity_texts: int = Field(256, ge=12, description="Held-out texts for fidelity metrics.")
     latency: bool = True
+    zero_shot_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks for causal-LM students (optional extra)."
+    )
 
 
 class StudyConfig(_Strict):
