@@ -111,6 +111,10 @@ def test_resume_a_partly_finished_study(tmp_path, tiny_teacher, tiny_corpus, tas
     other.train["steps"] = 5
     with pytest.raises(Exception, match="different study"):
         compare(other, out=out, resume=True, progress=False)
+    # A study written before a field with a default existed still resumes.
+    stored = yaml.safe_load((out / "study.yaml").read_text())
+    del stored["evaluation"]["zero_shot_tasks"]
+    (out / "study.yaml").write_text(yaml.safe_dump(stored))
     compare(study, out=out, resume=True, progress=False)
     reference = tmp_path / "ref"
     compare(study, out=reference, progress=False)
@@ -163,3 +167,24 @@ def test_multilingual_study_reports_fidelity_per_language(tmp_path, tiny_teacher
     row = next(r for r in csv.DictReader((report / "results.csv").open()) if r["model"] == "hs_2x32")
     assert float(row["fidelity[en]/final_cka"]) > 0 and float(row["fidelity[xx]/final_cka"]) > 0
     assert row["fidelity[en]/final_cka"] != row["fidelity[xx]/final_cka"]
+
+
+def test_evaluate_cli_writes_results_with_teacher_row_and_retention(tmp_path, tiny_args, tiny_corpus, task_csv, capsys):
+    run = tmp_path / "run"  # distilbert trains an MLM head: the student has a perplexity too
+    assert main(["distill", "distilbert", *tiny_args(), "--out", str(run), "--no-progress"]) == 0
+    teacher = yaml.safe_load((run / "config.yaml").read_text())["teacher"]
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(run / "student"), "--teacher", teacher, "--tasks", str(task_csv), "--seeds", "0", "1",
+                 "--texts", str(tiny_corpus), "--max-length", "24", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    teacher_row, student_row = rows
+    assert student_row["params"] < teacher_row["params"]
+    assert student_row["latency_b1_ms"] > 0 and "speedup_b32" in student_row
+    assert 0 < student_row["fidelity/final_cka"] <= 1 + 1e-6 and "fidelity/relation_kl" in student_row
+    assert student_row["intrinsic/mlm_perplexity"] > 1
+    metric = f"{task_csv}/accuracy"
+    assert 0 <= student_row[metric] <= 1 and f"{metric}_std" in student_row
+    table = (out / "results.md").read_text()
+    assert "% of teacher" in table and "teacher" in table

@@ -119,8 +119,9 @@ def write_status(out: Path, cell: str, state: str, **extra: Any) -> None:
 
 
 def _comparable(study: dict) -> dict:
-    """A study as compared on --resume: train.stop_at may change (it only splits the pass into jobs)."""
-    study = dict(study, train=dict(study.get("train") or {}))
+    """A study as compared on --resume: re-validated (so fields added with defaults since it was written
+    compare equal), and without train.stop_at (which only splits the pass into jobs)."""
+    study = StudyConfig.model_validate(study).model_dump(mode="json")
     study["train"].pop("stop_at", None)
     return study
 

@@ -1,0 +1,120 @@
+"""Logit divergences computed chunk by chunk from the student's last hidden states.
+
+With a 150k-token vocabulary, the (B, T, V) float32 logits of one 8 x 2048 batch take 10 GB, and
+log_softmax, the mixture of JSD and their gradients several times that. Here the student's logits only
+ever exist for ``chunk_size`` rows at a time, in the forward pass and in the backward pass:
+
+1. the valid positions are flattened: (B, T, d) -> (N, d) rows in row-major (b, t) order;
+2. per chunk of rows, logits = output_layer(h_chunk) (c, V) and the chunk's divergence SUM are computed
+   inside ``torch.utils.checkpoint``, so autograd keeps only the (c, d) input and the scalar; the
+   backward pass recomputes that chunk's logits, takes its gradient and frees them again;
+3. the chunk sums are added; the training loop divides once by the global count of valid tokens.
+
+This is the contract of Liger-Kernel's chunked (fused-linear) losses, where each chunk returns a sum and
+the normalisation happens once outside, and the pattern of litgpt's chunked_cross_entropy, which sums
+per-chunk losses and divides by the number of non-ignored targets. Liger computes each chunk's gradient
+already in the forward pass, which needs the output layer's parameters explicitly; recomputation under
+checkpoint works for any callable (a tied embedding, a LoRA-wrapped head) at the price of a second
+(c, d) x (d, V) matmul per chunk in backward. Peak memory: O(chunk_size x V), not O(N x V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from tadistill.errors import ConfigError
+from tadistill.objectives.divergence import check_mask
+from tadistill.objectives.logits import check_divergence_options, logit_divergence_rows
+
+
+def chunked_logit_divergence(
+    student_hidden: Tensor,
+    output_layer: nn.Module | Callable[[Tensor], Tensor],
+    teacher_logits: Tensor | Callable[[slice], Tensor],
+    mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    teacher_topk: int | None = None,
+) -> Tensor:
+    """``logit_divergence(output_layer(student_hidden), teacher_logits, mask, ...)`` without the full student logits.
+
+    Args:
+        student_hidden: (B, T, d) the student's last hidden states (after its final norm); gradients flow to it.
+        output_layer: maps (c, d) -> (c, V_S) logits, e.g. the student's ``lm_head``; its parameters (or
+            tensors its closure holds) get their gradients too. It is called again on each chunk in
+            backward, so it must be deterministic (or draw from the RNG, whose state checkpoint restores).
+        teacher_logits: either a (B, T, V_T) tensor, or a callable ``rows -> (c, V_T)`` that returns the
+            teacher logits of the flat valid rows ``rows`` (a slice over the N valid positions in row-major
+            (b, t) order, i.e. the rows of ``x[mask]``), so the teacher can be chunked too: for example
+            ``lambda rows: teacher_head(teacher_hidden[mask][rows])``. It is called under no_grad, once per
+            chunk in forward and once more in backward; with no valid position it is called once with an
+            empty slice. V_T may differ from V_S (see ``logit_divergence``).
+        mask: bool (B, T), True = position to distill.
+        chunk_size: rows per chunk, >= 1; peak memory grows as chunk_size x V.
+        kind, temperature, beta, alpha, teacher_topk: as in ``tadistill.objectives.logits.logit_divergence``.
+
+    Returns:
+        float32 scalar: the same SUM over valid positions as ``logit_divergence`` on the full logits, up to
+        float summation order. No valid position gives exactly 0, with zero gradients for the hidden states
+        and the output layer.
+    """
+    check_divergence_options(kind, temperature, beta, alpha, teacher_topk)
+    if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}: set e.g. chunk_size: 1024")
+    if student_hidden.dim() != 3:
+        raise ValueError(f"chunked_logit_divergence: hidden must be (B, T, d), got {tuple(student_hidden.shape)}")
+    b, t, d = student_hidden.shape
+    check_mask(mask, b, t, "chunked_logit_divergence")
+
+    flat_rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) indices into the B*T positions
+    hidden_rows = student_hidden.reshape(b * t, d).index_select(0, flat_rows)  # (N, d): small, kept for backward
+    n = hidden_rows.shape[0]
+
+    if isinstance(teacher_logits, Tensor):
+        if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != (b, t):
+            raise ValueError(
+                f"chunked_logit_divergence: teacher logits {tuple(teacher_logits.shape)} do not match the hidden "
+                f"states' (B, T) = {(b, t)}"
+            )
+        teacher_flat = teacher_logits.detach().reshape(b * t, -1)  # a view: (B*T, V_T)
+
+        def fetch_teacher(rows: slice) -> Tensor:
+            # Indexed inside the chunk (and again on recomputation): no (N, V_T) copy is ever made.
+            return teacher_flat.index_select(0, flat_rows[rows])
+    else:
+        fetch_teacher = teacher_logits
+
+    def chunk_sum(h: Tensor, rows: slice) -> Tensor:
+        """(c, d) hidden rows -> float32 scalar: the divergence summed over this chunk."""
+        student = output_layer(h)  # (c, V_S): the only V-wide student tensor, one chunk at a time
+        with torch.no_grad():
+            teacher = fetch_teacher(rows)  # (c, V_T)
+        if teacher.dim() != 2 or teacher.shape[0] != h.shape[0]:
+            raise ValueError(
+                f"teacher logits for rows {rows} have shape {tuple(teacher.shape)}, expected ({h.shape[0]}, V)"
+            )
+        return logit_divergence_rows(
+            student, teacher, kind=kind, temperature=temperature, beta=beta, alpha=alpha, teacher_topk=teacher_topk
+        ).sum()
+
+    recompute = torch.is_grad_enabled()  # under no_grad (evaluation) nothing is kept anyway
+    total: Tensor | None = None
+    # With N = 0 one empty chunk still runs: the output layer then receives zero gradients (not None),
+    # exactly as when logit_divergence is called on output_layer(student_hidden).
+    for start in range(0, max(n, 1), chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        h = hidden_rows[rows]  # (c, d) view
+        # Non-reentrant checkpoint: gradients also reach parameters the callable closes over, and the
+        # slice passes through as a plain argument.
+        part = checkpoint(chunk_sum, h, rows, use_reentrant=False) if recompute else chunk_sum(h, rows)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
