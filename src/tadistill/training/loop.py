@@ -202,21 +202,20 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- loop
 
-    def _lane_step(self, lane: Lane, step: int, batches: list[dict], teachers: list[ModelOutputs],
-                   counts: Tensor) -> tuple[Tensor, float] | None:
-        """Forward/backward over the micro-batches and one optimizer step; None when the lane failed."""
+    def _lane_backward(self, lane: Lane, batch: dict[str, Tensor], teacher: ModelOutputs, scale: Tensor,
+                       *, sync: bool) -> Tensor:
+        """One micro-batch of one lane, in its own random stream: forward, backward; returns its (n_terms,) sums."""
         acc = self.acc
-        denominators = counts[lane.normalizers].clamp_min(1)  # an all-masked step gives 0, not NaN
-        scale = lane.weights.to(acc.device) * self.world / denominators
-        sums_total = torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device)
-        with lane.own_random_stream():
-            for i, (batch, teacher) in enumerate(zip(batches, teachers)):
-                with nullcontext() if i == len(batches) - 1 else acc.no_sync(lane.model):
-                    with acc.autocast():
-                        sums = lane.model(_inputs(batch), batch, teacher, lane.captured)
-                    acc.backward((sums * scale.to(sums.dtype)).sum())
-                sums_total += sums.detach().double()
-        values = acc.reduce(sums_total, reduction="sum") / denominators  # per term, normalized
+        with lane.own_random_stream(), nullcontext() if sync else acc.no_sync(lane.model):
+            with acc.autocast():
+                sums = lane.model(_inputs(batch), batch, teacher, lane.captured)
+            acc.backward((sums * scale.to(sums.dtype)).sum())
+        return sums.detach().double()
+
+    def _lane_update(self, lane: Lane, step: int, sums: Tensor, denominators: Tensor) -> dict | None:
+        """Normalize the step's sums; stop on NaN / inf before touching the weights; else clip and step."""
+        acc = self.acc
+        values = acc.reduce(sums, reduction="sum") / denominators  # per term, normalized by global counts
         loss = float((values * lane.weights.to(values.device)).sum())
         if not math.isfinite(loss):
             lane.optimizer.zero_grad(set_to_none=True)
@@ -233,6 +232,34 @@ class Trainer:
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         return row
+
+    def _step(self, step: int, t_cap: Captured) -> tuple[dict[str, dict], float, list[Lane]]:
+        """One optimizer step of every active lane: their log rows, the step's token count, the lanes that failed."""
+        acc = self.acc
+        batches = self._micro_batches(step)
+        counts = {v: acc.reduce(_counts(b, acc.device), reduction="sum") for v, b in batches.items()}
+        lanes = self._active()
+        # Each term is divided by its global count (tokens or masked positions) of the whole step.
+        denominators = {lane.name: counts[lane.masked_inputs][lane.normalizers].clamp_min(1) for lane in lanes}
+        scales = {lane.name: lane.weights.to(acc.device) * self.world / denominators[lane.name] for lane in lanes}
+        sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device) for lane in lanes}
+        n_micro = len(batches[self.variants[0]])
+        # Micro-batch outer, lanes inner: the teacher's signals of one micro-batch are alive at a time.
+        for i in range(n_micro):
+            teachers = {v: self._teacher_outputs(bs[i], t_cap, v) for v, bs in batches.items()}
+            for lane in lanes:
+                v = lane.masked_inputs
+                sums[lane.name] += self._lane_backward(lane, batches[v][i], teachers[v], scales[lane.name],
+                                                       sync=i == n_micro - 1)
+            del teachers
+        rows, failed = {}, []
+        for lane in lanes:
+            row = self._lane_update(lane, step, sums[lane.name], denominators[lane.name])
+            if row is None:
+                failed.append(lane)
+            else:
+                rows[lane.name] = row
+        return rows, float(counts[self.variants[0]][0]), failed
 
     def run(self) -> LoopResult:
         tc, acc = self.cfg.train, self.acc
@@ -260,19 +287,11 @@ class Trainer:
                        desc="distill", unit="step", dynamic_ncols=True)
             tick, tokens_since = time.perf_counter(), 0.0
             for step in range(start_step + 1, stop_at + 1):
-                batches = self._micro_batches(step)
-                counts = {v: acc.reduce(_counts(b, acc.device), reduction="sum") for v, b in batches.items()}
-                teachers = {v: [self._teacher_outputs(b, t_cap, v) for b in bs] for v, bs in batches.items()}
-                rows = {}
-                for lane in self._active():
-                    v = lane.masked_inputs
-                    row = self._lane_step(lane, step, batches[v], teachers[v], counts[v])
-                    if row is None:
-                        self._lane_failed(lane, step, last_good)
-                    else:
-                        rows[lane.name] = row
+                rows, tokens, failed = self._step(step, t_cap)
+                for lane in failed:
+                    self._lane_failed(lane, step, last_good)
                 result.final_step = step
-                tokens_since += float(counts[self.variants[0]][0])
+                tokens_since += tokens
                 if step % tc.log_every == 0 or step == stop_at:
                     speed = tokens_since / max(time.perf_counter() - tick, 1e-9)
                     for name, row in rows.items():
