@@ -3,12 +3,28 @@
 The public API::
 
     from tadistill import distill, resolve_config, DistillConfig
+
+Names are imported on first use (PEP 562), so ``tadistill recipes`` or ``import tadistill.objectives``
+do not pay for loading transformers and accelerate.
 """
 
-from tadistill.api import DistillResult, distill
-from tadistill.config import DistillConfig
-from tadistill.errors import TadistillError
-from tadistill.resolve import resolve_config
+from __future__ import annotations
 
-__all__ = ["DistillConfig", "DistillResult", "TadistillError", "distill", "resolve_config"]
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "DistillConfig": "tadistill.config",
+    "DistillResult": "tadistill.api",
+    "TadistillError": "tadistill.errors",
+    "distill": "tadistill.api",
+    "resolve_config": "tadistill.resolve",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tadistill' has no attribute {name!r}")

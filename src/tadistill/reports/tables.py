@@ -224,7 +224,8 @@ def study_table(cells: list[dict]) -> str:
     rows = []
     for cell in ordered:
         failed = bool(cell.get("error"))
-        row = {"method": cell.get("method"), "student": cell.get("student"), "params": format_params(cell.get("params"))}
+        row = {"method": cell.get("method"), "student": cell.get("student"),
+               "params": format_params(cell.get("params"))}
         row.update({m: (None if failed else cell.get(m)) for m in metrics})
         row["status"] = f"failed: {one_line(cell['error'])}" if failed else "ok"
         rows.append(row)
