@@ -6,7 +6,6 @@ Both functions return sums over the selected positions; the loop divides by thei
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -34,7 +34,7 @@ from tadistill.study.config import StudyConfig
 from tadistill.training.lane import SHARED_TRAIN_FIELDS, Lane, build_lane
 from tadistill.training.loop import TokenizerInfo, Trainer
 from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, load_teacher, new_accelerator, start_cosine
-from tadistill.training.rundir import RunDir, config_to_yaml
+from tadistill.training.rundir import RunDir
 
 STUDY_FILE = "study.yaml"
 
