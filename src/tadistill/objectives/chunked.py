@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -67,8 +68,7 @@ def chunked_logit_divergence(
         and the output layer.
     """
     check_divergence_options(kind, temperature, beta, alpha, teacher_topk)
-    if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
-        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}: set e.g. chunk_size: 1024")
+    _check_chunk_size(chunk_size)
     if student_hidden.dim() != 3:
         raise ValueError(f"chunked_logit_divergence: hidden must be (B, T, d), got {tuple(student_hidden.shape)}")
     b, t, d = student_hidden.shape
@@ -76,7 +76,6 @@ def chunked_logit_divergence(
 
     flat_rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) indices into the B*T positions
     hidden_rows = student_hidden.reshape(b * t, d).index_select(0, flat_rows)  # (N, d): small, kept for backward
-    n = hidden_rows.shape[0]
 
     if isinstance(teacher_logits, Tensor):
         if teacher_logits.dim() != 3 or teacher_logits.shape[:2] != (b, t):
@@ -105,10 +104,21 @@ def chunked_logit_divergence(
             student, teacher, kind=kind, temperature=temperature, beta=beta, alpha=alpha, teacher_topk=teacher_topk
         ).sum()
 
+    return _sum_over_chunks(chunk_sum, hidden_rows, chunk_size)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}: set e.g. chunk_size: 1024")
+
+
+def _sum_over_chunks(chunk_sum: Callable[[Tensor, slice], Tensor], hidden_rows: Tensor, chunk_size: int) -> Tensor:
+    """Add ``chunk_sum(rows of hidden_rows, rows)`` over chunks, each recomputed in backward (see module doc)."""
+    n = hidden_rows.shape[0]
     recompute = torch.is_grad_enabled()  # under no_grad (evaluation) nothing is kept anyway
     total: Tensor | None = None
     # With N = 0 one empty chunk still runs: the output layer then receives zero gradients (not None),
-    # exactly as when logit_divergence is called on output_layer(student_hidden).
+    # exactly as when the plain loss is computed on output_layer(hidden).
     for start in range(0, max(n, 1), chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         h = hidden_rows[rows]  # (c, d) view
@@ -118,3 +128,38 @@ def chunked_logit_divergence(
         total = part if total is None else total + part
     assert total is not None
     return total
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    output_layer: nn.Module | Callable[[Tensor], Tensor],
+    targets: Tensor,
+    *,
+    chunk_size: int = 1024,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Summed next-token cross-entropy ``sum CE(output_layer(hidden), targets)`` without the full logits.
+
+    Args:
+        hidden: (B, T, d) last hidden states; gradients flow to it and to the output layer.
+        output_layer: (c, d) -> (c, V) logits, called once per chunk in forward and again in backward.
+        targets: (B, T) long, the token each position predicts (already shifted), ``ignore_index`` = none.
+        chunk_size: rows per chunk.
+
+    Returns:
+        float32 scalar: the SUM over positions with a target (litgpt's chunked_cross_entropy normalises
+        inside; here the loop divides once by the global count). No target gives exactly 0.
+    """
+    _check_chunk_size(chunk_size)
+    b, t, d = hidden.shape
+    if targets.shape != (b, t):
+        raise ValueError(f"chunked_cross_entropy: targets {tuple(targets.shape)} do not match hidden {(b, t)}")
+    flat_rows = (targets != ignore_index).reshape(-1).nonzero().squeeze(1)  # (N,)
+    hidden_rows = hidden.reshape(b * t, d).index_select(0, flat_rows)  # (N, d)
+    wanted = targets.reshape(-1).index_select(0, flat_rows)  # (N,)
+
+    def chunk_sum(h: Tensor, rows: slice) -> Tensor:
+        logits = output_layer(h).float()  # (c, V)
+        return F.cross_entropy(logits, wanted[rows], reduction="sum")
+
+    return _sum_over_chunks(chunk_sum, hidden_rows, chunk_size)

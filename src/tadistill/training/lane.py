@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from tadistill.capture.architectures import Architecture, resolve_architecture
+from tadistill.capture.heads import causal_lm_parts
 from tadistill.capture.hooks import Captured, CaptureRequest
 from tadistill.config import DistillConfig
 from tadistill.errors import ConfigError
@@ -26,6 +27,9 @@ from tadistill.registry import OBJECTIVES
 from tadistill.students.spec import build_student_from_spec
 from tadistill.training.rundir import RunDir
 from tadistill.training.terms import ModelOutputs, Term, merge_requests
+
+MASKED_LM_KINDS = ("output-kl", "mlm")
+CAUSAL_LM_KINDS = ("logits", "lm")
 
 # Settings every lane of one pass must share: they define the batches and the step count.
 SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every", "eval_batches", "save_every",
@@ -40,10 +44,18 @@ class Distiller(nn.Module):
         self.student = student
         self.terms = nn.ModuleList(terms)
         self.needs_logits = any(t.needs_logits for t in terms)
+        self.needs_causal_head = any(t.needs_causal_head for t in terms)
 
     def forward(self, inputs: dict[str, Tensor], batch: dict[str, Tensor], teacher: ModelOutputs, captured: Captured):
-        out = self.student(**inputs)
-        student = ModelOutputs(captured, out.logits if self.needs_logits else None)
+        if self.needs_causal_head:
+            # Causal LMs: the base model's last hidden states; the chunked losses apply the output layer
+            # a few rows at a time, so the (B, T, V) logits are never built.
+            parts = causal_lm_parts(self.student)
+            hidden = parts.base(**inputs).last_hidden_state  # (B, T, d)
+            student = ModelOutputs(captured, None, hidden, parts.output_layer)
+        else:
+            out = self.student(**inputs)
+            student = ModelOutputs(captured, out.logits if self.needs_logits else None)
         return torch.stack([term(student, teacher, batch).float() for term in self.terms])  # (n_terms,) sums
 
 
@@ -75,6 +87,11 @@ class Lane:
     scheduler: Any = None
     failed: str | None = None
     captured: Captured | None = None  # set while the loop's capture context is open
+    sources: dict[str, int] = field(default_factory=dict)  # micro-batches per continuation source (logged)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.needs_teacher for t in self.terms) or self.config.on_policy.teacher_fraction > 0
 
     @property
     def request(self) -> CaptureRequest:
@@ -138,10 +155,21 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
     active = [o for o in config.objectives if o.weight > 0]
     if not active:
         raise ConfigError("every objective has weight 0: give at least one a positive weight")
-    student_logits = any(o.kind in ("output-kl", "mlm") for o in active)
-    if student_logits and tokenizer.mask_token_id is None:
+    masked_lm = [o.kind for o in active if o.kind in MASKED_LM_KINDS]
+    causal_lm = [o.kind for o in active if o.kind in CAUSAL_LM_KINDS]
+    if teacher_arch.causal and masked_lm:
+        raise ConfigError(f"{', '.join(masked_lm)} are masked-LM objectives and teacher {config.teacher!r} is a causal "
+                          "LM: use the logits / lm objectives (recipes kd, gkd, teacher-free)")
+    if not teacher_arch.causal and causal_lm:
+        raise ConfigError(f"{', '.join(causal_lm)} need a causal-LM teacher (GPT-2, Llama ...) and {config.teacher!r} "
+                          "is an encoder: use output-kl / mlm (recipes od, distilbert)")
+    if config.on_policy.samples and not teacher_arch.causal:
+        raise ConfigError("on-policy sampling needs a causal-LM teacher and student: set on_policy.fraction=0")
+    if masked_lm and tokenizer.mask_token_id is None:
         raise ConfigError(f"teacher {config.teacher!r} has no [MASK] token: masked-LM objectives need one")
-    student = build_student_from_spec(config, teacher, tokenizer, head="mlm" if student_logits else "base")
+    # A causal student always keeps its LM head, so that AutoModelForCausalLM loads it and it can generate.
+    head = "causal-lm" if teacher_arch.causal else "mlm" if masked_lm else "base"
+    student = build_student_from_spec(config, teacher, tokenizer, head=head)
     student_arch = resolve_architecture(student)
     terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in active]
     return Lane(name, config, run, student, student_arch, terms, Distiller(student, terms))

@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from tadistill.capture.architectures import Architecture
+from tadistill.capture.heads import causal_lm_parts
 from tadistill.capture.hooks import Captured, capture
 from tadistill.data.batches import BatchOrder, collate
 from tadistill.data.masking import mask_tokens
@@ -36,6 +37,7 @@ from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tadistill.training.lane import Lane, check_shared
+from tadistill.training.sampling import SOURCES, draw_source, sample_continuations
 from tadistill.training.terms import ModelOutputs, merge_requests
 
 
@@ -45,15 +47,28 @@ class TokenizerInfo:
     mask_id: int | None
     vocab_size: int
     special_ids: list[int]
+    eos_id: int | None = None
 
     @classmethod
     def of(cls, tokenizer) -> TokenizerInfo:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            pad_id=pad if pad is not None else 0,
             mask_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),
             special_ids=list(tokenizer.all_special_ids),
+            eos_id=tokenizer.eos_token_id,
         )
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of the data: its number (seeds), sequences, prompt lengths and collated variants."""
+
+    number: int
+    sequences: list[Tensor]
+    prompt_lengths: list[int]
+    variants: dict[bool, dict[str, Tensor]]  # masked-LM inputs or not -> batch on the device
 
 
 @dataclass
@@ -70,12 +85,35 @@ def _seed_for(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def next_token_labels(input_ids: Tensor, attention_mask: Tensor, prompt_lengths: list[int] | None) -> Tensor:
+    """(B, T) causal-LM targets: labels[b, t] = input_ids[b, t + 1], the token position t predicts.
+
+    -100 where there is nothing to learn: the last real token of a row (no next token), padding, and
+    positions whose next token belongs to the prompt (GKD masks the prompt; only completions are distilled).
+    """
+    b, t = input_ids.shape
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    nxt = torch.arange(t).unsqueeze(0) + 1  # (1, T): index of the predicted token
+    lengths = attention_mask.sum(1, keepdim=True)  # (B, 1)
+    starts = torch.tensor(prompt_lengths or [0] * b).unsqueeze(1)  # (B, 1): first completion token
+    keep = (nxt < lengths) & (nxt >= starts)
+    return labels.masked_fill(~keep, -100)
+
+
 def make_batch(
-    sequences: list[Tensor], tok: TokenizerInfo, *, mask: bool, probability: float, seed: int
+    sequences: list[Tensor], tok: TokenizerInfo, *, mask: bool, probability: float, seed: int,
+    causal: bool = False, prompt_lengths: list[int] | None = None,
 ) -> dict[str, Tensor]:
-    """Collate and (when a lane needs labels) apply BERT's 80/10/10 masking with a seeded generator."""
+    """Collate and add ``labels``: what each position predicts (-100: nothing).
+
+    Masked LMs: BERT's 80/10/10 masking from a seeded generator when a lane needs it (labels at the masked
+    positions). Causal LMs: the next token (``next_token_labels``).
+    """
     batch = collate(sequences, pad_id=tok.pad_id, special_ids=tok.special_ids)
-    if mask:
+    if causal:
+        batch["labels"] = next_token_labels(batch["input_ids"], batch["attention_mask"], prompt_lengths)
+    elif mask:
         generator = torch.Generator().manual_seed(seed)
         batch["input_ids"], batch["labels"] = mask_tokens(
             batch["input_ids"],
@@ -109,8 +147,8 @@ class Trainer:
         lanes: list[Lane],
         accelerator: Accelerator,
         *,
-        teacher: nn.Module,
-        teacher_arch: Architecture,
+        teacher: nn.Module | None,
+        teacher_arch: Architecture | None,
         train: SequenceSet,
         heldout: SequenceSet,
         tokenizer: TokenizerInfo,
@@ -122,7 +160,12 @@ class Trainer:
         check_shared(lanes)
         self.lanes, self.acc = lanes, accelerator
         self.cfg = lanes[0].config  # data and step structure are shared (check_shared)
-        self.teacher, self.teacher_arch = teacher.eval().requires_grad_(False), teacher_arch
+        if teacher is None and any(lane.needs_teacher for lane in lanes):
+            raise ValueError("Trainer: a lane needs the teacher but none was given")
+        # teacher None: teacher-free training (the LM loss only); no teacher forward ever runs.
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.teacher_arch = teacher_arch
+        self.causal = lanes[0].student_arch.causal
         self.train_set, self.heldout, self.tok = train, heldout, tokenizer
         self.checkpoints, self.state_yaml = checkpoints, state_yaml
         self.progress, self.drop_failed_lanes = progress, drop_failed_lanes
@@ -131,8 +174,10 @@ class Trainer:
         # Input variants the teacher must see, and for which of them lanes need its logits.
         self.variants = sorted({lane.masked_inputs for lane in lanes})
         self.logit_variants = {lane.masked_inputs for lane in lanes if lane.distiller.needs_logits}
+        self.teacher_head = any(lane.distiller.needs_causal_head and lane.needs_teacher for lane in lanes)
         self.teacher_request = merge_requests([lane.teacher_request for lane in lanes])
-        self.teacher.to(accelerator.device)
+        if self.teacher is not None:
+            self.teacher.to(accelerator.device)
         for lane in lanes:
             optimizer, scheduler = lane.optimizer_and_schedule()
             lane.model, lane.optimizer = accelerator.prepare(lane.distiller, optimizer)
@@ -144,23 +189,63 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- batches
 
-    def _micro_batches(self, step: int) -> dict[bool, list[dict[str, Tensor]]]:
-        """Micro-batches of optimizer step ``step`` (1-based) for this process, per input variant."""
+    def _batch(self, sequences: list[Tensor], prompt_lengths: list[int], *, masked: bool, seed: int):
+        batch = make_batch(sequences, self.tok, mask=masked, probability=self.cfg.data.mlm_probability, seed=seed,
+                           causal=self.causal, prompt_lengths=prompt_lengths)
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+
+    def _micro_batches(self, step: int) -> list[MicroBatch]:
+        """Micro-batches of optimizer step ``step`` (1-based) for this process."""
         tc, acc = self.cfg.train, self.acc
-        out: dict[bool, list] = {v: [] for v in self.variants}
+        out = []
         for micro in range(tc.grad_accum):
             number = ((step - 1) * tc.grad_accum + micro) * self.world + acc.process_index
-            sequences = [self.train_set[i] for i in self.order.indices(number)]
-            for masked in self.variants:
-                batch = make_batch(sequences, self.tok, mask=masked, probability=self.cfg.data.mlm_probability,
-                                   seed=_seed_for(tc.seed, "train", number))
-                out[masked].append({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()})
+            indices = self.order.indices(number)
+            sequences = [self.train_set[i] for i in indices]
+            prompts = [self.train_set.prompt_length(i) for i in indices]
+            variants = {masked: self._batch(sequences, prompts, masked=masked, seed=_seed_for(tc.seed, "train", number))
+                        for masked in self.variants}
+            out.append(MicroBatch(number, sequences, prompts, variants))
         return out
 
+    def _lane_batch(self, lane: Lane, micro: MicroBatch) -> tuple[object, dict[str, Tensor]]:
+        """The batch ``lane`` trains on for ``micro``, and the key its teacher outputs are shared under.
+
+        Dataset continuations are shared by every lane (one teacher forward); sampled ones are the lane's own.
+        """
+        cfg = lane.config.on_policy
+        source = "dataset"
+        if cfg.samples:
+            source = draw_source(cfg, torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, "policy",
+                                                                             micro.number)))
+        lane.sources[source] = lane.sources.get(source, 0) + 1
+        if source == "dataset":
+            return lane.masked_inputs, micro.variants[lane.masked_inputs]
+        model = self.acc.unwrap_model(lane.model).student if source == "student" else self.teacher
+        generator = torch.Generator(self.acc.device).manual_seed(_seed_for(self.cfg.train.seed, "sample", micro.number))
+        prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
+        sequences = sample_continuations(
+            model, prompts, max_length=self.cfg.data.max_length, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+            generator=generator,
+        )
+        batch = self._batch(sequences, micro.prompt_lengths, masked=False, seed=0)
+        return (lane.name, source), batch
+
     def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool) -> ModelOutputs:
+        """Teacher signals for one batch; tensors made under inference_mode are cloned (autograd may save them)."""
+        if self.teacher is None:
+            return ModelOutputs(Captured())
         with torch.inference_mode(), self.acc.autocast():
-            out = self.teacher(**_inputs(batch))
-        # Tensors made under inference_mode cannot be saved for backward: clone the few we keep.
+            if self.causal:
+                parts = causal_lm_parts(self.teacher)
+                hidden = parts.base(**_inputs(batch)).last_hidden_state  # (B, T, d_T); no (B, T, V) logits
+            else:
+                out = self.teacher(**_inputs(batch))
+        if self.causal:
+            if not self.teacher_head:
+                return ModelOutputs(captured.clone())
+            return ModelOutputs(captured.clone(), None, hidden.clone(), parts.output_layer)
         logits = out.logits.clone() if masked in self.logit_variants else None
         return ModelOutputs(captured.clone(), logits)
 
@@ -171,7 +256,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, t_cap: Captured) -> dict[str, dict[str, float]]:
-        """Held-out distillation loss per lane and term (fixed batches and masks: comparable across steps)."""
+        """Held-out distillation loss per lane and term (fixed batches and masks: comparable across steps).
+
+        Always on the dataset's continuations, also for on-policy lanes, so that every lane is measured on
+        the same text.
+        """
         tc, device = self.cfg.train, self.acc.device
         lanes = self._active()
         sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=device) for lane in lanes}
@@ -180,11 +269,11 @@ class Trainer:
         for lane in lanes:
             lane.model.eval()
         for start in range(0, n, tc.batch_size):
-            seqs = [self.heldout[i] for i in range(start, min(start + tc.batch_size, n))]
+            indices = range(start, min(start + tc.batch_size, n))
+            seqs = [self.heldout[i] for i in indices]
+            prompts = [self.heldout.prompt_length(i) for i in indices]
             for masked in self.variants:
-                batch = make_batch(seqs, self.tok, mask=masked, probability=self.cfg.data.mlm_probability,
-                                   seed=_seed_for(tc.seed, "eval", start))
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = self._batch(seqs, prompts, masked=masked, seed=_seed_for(tc.seed, "eval", start))
                 teacher = self._teacher_outputs(batch, t_cap, masked)
                 counts[masked] += _counts([batch], device)
                 for lane in lanes:
@@ -231,26 +320,39 @@ class Trainer:
         row.update({f"loss/{t.kind}": float(v) for t, v in zip(lane.terms, values)})
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        if lane.config.on_policy.samples:  # GKD: the fraction of micro-batches drawn from each source so far
+            total = max(sum(lane.sources.values()), 1)
+            row.update({f"policy/{name}": lane.sources.get(name, 0) / total for name in SOURCES})
         return row
 
     def _step(self, step: int, t_cap: Captured) -> tuple[dict[str, dict], float, list[Lane]]:
         """One optimizer step of every active lane: their log rows, the step's token count, the lanes that failed."""
         acc = self.acc
-        batches = self._micro_batches(step)
-        counts = {v: acc.reduce(_counts(b, acc.device), reduction="sum") for v, b in batches.items()}
+        micros = self._micro_batches(step)
         lanes = self._active()
-        # Each term is divided by its global count (tokens or masked positions) of the whole step.
-        denominators = {lane.name: counts[lane.masked_inputs][lane.normalizers].clamp_min(1) for lane in lanes}
+        # Every lane's batches first (sampling happens here), so each term can be divided by its global count
+        # (tokens or targets) of the whole step before the first backward.
+        plans = {lane.name: [self._lane_batch(lane, m) for m in micros] for lane in lanes}
+        local = [_counts([b for _, b in plans[lane.name]], acc.device) for lane in lanes]
+        local.append(_counts([m.variants[self.variants[0]] for m in micros], acc.device))  # data tokens (speed)
+        counts = acc.reduce(torch.stack(local), reduction="sum")  # (lanes + 1, 2)
+        denominators = {lane.name: counts[i][lane.normalizers].clamp_min(1) for i, lane in enumerate(lanes)}
         scales = {lane.name: lane.weights.to(acc.device) * self.world / denominators[lane.name] for lane in lanes}
         sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device) for lane in lanes}
-        n_micro = len(batches[self.variants[0]])
-        # Micro-batch outer, lanes inner: the teacher's signals of one micro-batch are alive at a time.
-        for i in range(n_micro):
-            teachers = {v: self._teacher_outputs(bs[i], t_cap, v) for v, bs in batches.items()}
+        # Micro-batch outer, lanes inner: the teacher's signals of one micro-batch are alive at a time, and
+        # dataset batches share one teacher forward.
+        for i in range(len(micros)):
+            teachers: dict[object, ModelOutputs] = {}
             for lane in lanes:
-                v = lane.masked_inputs
-                sums[lane.name] += self._lane_backward(lane, batches[v][i], teachers[v], scales[lane.name],
-                                                       sync=i == n_micro - 1)
+                key, batch = plans[lane.name][i]
+                if key not in teachers:
+                    masked = key if isinstance(key, bool) else False
+                    needed = lane.needs_teacher
+                    teachers[key] = self._teacher_outputs(batch, t_cap, masked) if needed else ModelOutputs(Captured())
+                sums[lane.name] += self._lane_backward(lane, batch, teachers[key], scales[lane.name],
+                                                       sync=i == len(micros) - 1)
+                if not isinstance(key, bool):
+                    del teachers[key]  # a lane's own sampled batch: nobody else uses its teacher outputs
             del teachers
         rows, failed = {}, []
         for lane in lanes:
@@ -259,7 +361,7 @@ class Trainer:
                 failed.append(lane)
             else:
                 rows[lane.name] = row
-        return rows, float(counts[self.variants[0]][0]), failed
+        return rows, float(counts[-1][0]), failed
 
     def run(self) -> LoopResult:
         tc, acc = self.cfg.train, self.acc
@@ -267,7 +369,8 @@ class Trainer:
         if ckpt is not None:
             start_step, extra = load_checkpoint(acc, ckpt)
             for lane in self.lanes:
-                lane.rng, lane.failed = extra["lanes"][lane.name]["rng"], extra["lanes"][lane.name]["failed"]
+                saved = extra["lanes"][lane.name]
+                lane.rng, lane.failed, lane.sources = saved["rng"], saved["failed"], dict(saved.get("sources", {}))
         if acc.is_main_process:
             for lane in self.lanes:
                 # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
@@ -280,7 +383,8 @@ class Trainer:
         with ExitStack() as stack:
             for lane in self.lanes:
                 lane.captured = stack.enter_context(capture(lane.student, lane.student_arch, lane.request))
-            t_cap = stack.enter_context(capture(self.teacher, self.teacher_arch, self.teacher_request))
+            t_cap = (stack.enter_context(capture(self.teacher, self.teacher_arch, self.teacher_request))
+                     if self.teacher is not None else Captured())
             if start_step == 0:
                 self._log_eval(0, t_cap, result)
             bar = tqdm(total=tc.steps, initial=start_step, disable=not (self.progress and acc.is_main_process),
@@ -339,7 +443,8 @@ class Trainer:
         self._log(lane, {"step": step, "failed": lane.failed})
 
     def _save(self, step: int) -> Path:
-        extra = {"lanes": {lane.name: {"rng": lane.rng, "failed": lane.failed} for lane in self.lanes}}
+        extra = {"lanes": {lane.name: {"rng": lane.rng, "failed": lane.failed, "sources": lane.sources}
+                           for lane in self.lanes}}
         return save_checkpoint(self.acc, self.checkpoints, step, config_yaml=self.state_yaml,
                                keep=self.cfg.train.keep_checkpoints, extra=extra)
 

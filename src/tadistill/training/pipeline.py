@@ -17,7 +17,8 @@ from tadistill.config import DistillConfig
 from tadistill.evaluation.cost import count_parameters
 from tadistill.evaluation.fidelity import embedding_cosine
 from tadistill.fileio import atomic_write_text
-from tadistill.loading import load_pretrained, load_tokenizer, resolve_model_path
+from tadistill.evaluation.intrinsic import causal_perplexity
+from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
 from tadistill.training.lane import Lane
 
 SUMMARY_TEXTS = 256  # held-out texts used for the embedding-similarity summary
@@ -25,12 +26,17 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "con
 
 
 def load_teacher(configs: list[DistillConfig]):
-    """Tokenizer, teacher and its architecture; with an MLM head when any config needs its logits."""
+    """Tokenizer, teacher and its architecture.
+
+    Encoders get their MLM head when any config needs its logits; causal LMs always get their LM head
+    (the logit terms need it, and a truncated student copies an untied one).
+    """
     first = configs[0]
     needs_logits = any(o.kind == "output-kl" and o.weight > 0 for c in configs for o in c.objectives)
+    causal = is_causal_lm(load_model_config(first.teacher, trust_remote_code=first.trust_remote_code))
     tokenizer = load_tokenizer(first.teacher, trust_remote_code=first.trust_remote_code)
-    teacher = load_pretrained(first.teacher, head="mlm" if needs_logits else "base",
-                              trust_remote_code=first.trust_remote_code)
+    head = "causal-lm" if causal else "mlm" if needs_logits else "base"
+    teacher = load_pretrained(first.teacher, head=head, trust_remote_code=first.trust_remote_code)
     return tokenizer, teacher, resolve_architecture(teacher)
 
 
@@ -43,8 +49,11 @@ def new_accelerator(precision: str) -> Accelerator:
 
 
 def start_cosine(lane: Lane, teacher, tokenizer, texts: list[str]) -> float | None:
-    """Embedding cosine of the student before training (deterministic given the seed, so also on resume)."""
-    if not texts:
+    """Embedding cosine of the student before training (deterministic given the seed, so also on resume).
+
+    None for causal LMs, whose mean-pooled hidden states are no sentence embedding.
+    """
+    if not texts or lane.student_arch.causal:
         return None
     with lane.own_random_stream():
         return embedding_cosine(teacher, lane.student, tokenizer, texts, max_length=lane.config.data.max_length)
@@ -87,9 +96,12 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path) -> None
 
 def finish_lane(
     lane: Lane, accelerator: Accelerator, *, teacher, teacher_arch, tokenizer, texts: list[str], steps: int,
-    train_tokens: int, cosine_start: float | None, began: float,
+    train_tokens: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
 ) -> dict[str, Any]:
-    """Save the student and write summary.json (main process); return the summary."""
+    """Save the student and write summary.json (main process); return the summary.
+
+    ``teacher`` may be None (teacher-free training, the teacher was dropped): pass ``teacher_parameters``.
+    """
     if not accelerator.is_main_process:
         return {}
     config, run = lane.config, lane.run
@@ -103,7 +115,7 @@ def finish_lane(
         "student_dir": str(run.student),
         "student_shape": f"{s_arch.num_layers}x{s_arch.hidden_size} ({s_arch.num_heads} heads)",
         "teacher_shape": f"{t_arch.num_layers}x{t_arch.hidden_size} ({t_arch.num_heads} heads)",
-        "teacher_parameters": count_parameters(teacher),
+        "teacher_parameters": count_parameters(teacher) if teacher is not None else teacher_parameters,
         "student_parameters": count_parameters(final),
         "steps": steps,
         "train_tokens": train_tokens,
@@ -111,8 +123,11 @@ def finish_lane(
         "heldout_loss_end": evals[-1]["eval/loss"] if evals else None,
         "embedding_cosine_start": cosine_start,
         "embedding_cosine_end": embedding_cosine(teacher, final, tokenizer, texts, max_length=config.data.max_length)
-        if texts else None,
+        if texts and teacher is not None and not s_arch.causal else None,
         "seconds": round(time.perf_counter() - began, 1),
     }
+    if s_arch.causal and texts:
+        summary["heldout_perplexity"] = causal_perplexity(final, tokenizer, texts,
+                                                          max_length=config.data.max_length)["perplexity"]
     atomic_write_text(run.summary_path, json.dumps(summary, indent=2))
     return summary

@@ -3,13 +3,15 @@
 A term knows which hidden states / Q-K-V projections / logits it needs from each model, owns the
 learned projections when it has any (the only state, hence nn.Module), and calls the pure functions
 of ``tadistill.objectives``. Each returns the *sum* of its per-row loss; the loop divides once by the
-global count named by ``normalizer`` ("tokens": valid tokens, "masked": masked-LM positions), so
+global count named by ``normalizer`` ("tokens": valid tokens, "targets": positions with a label, i.e.
+masked-LM positions, or the next-token targets of a causal LM), so
 gradient accumulation and data parallelism give the same loss as one large batch.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from tadistill.capture.architectures import Architecture
 from tadistill.capture.attention import attention_logits
 from tadistill.capture.hooks import Captured, CaptureRequest
 from tadistill.errors import ConfigError
+from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence
 from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
 from tadistill.objectives.layer_maps import layer_map
@@ -32,6 +35,8 @@ class ModelOutputs:
 
     captured: Captured
     logits: Tensor | None = None  # (B, T, V) when a term needs the masked-LM distribution
+    last_hidden: Tensor | None = None  # (B, T, d) causal LMs: after the final norm, for the chunked losses
+    output_layer: Callable[[Tensor], Tensor] | None = None  # causal LMs: (c, d) -> (c, V)
 
 
 def resolve_teacher_layer(value: C.TeacherLayer, num_layers: int) -> int:
@@ -59,7 +64,9 @@ class Term(nn.Module):
     """Base: subclasses set the requests in __init__ and implement forward -> summed loss."""
 
     normalizer = "tokens"
-    needs_logits = False
+    needs_logits = False  # the masked-LM logits of both models
+    needs_causal_head = False  # a causal LM's last hidden states and output layer (chunked losses)
+    needs_teacher = True
 
     def __init__(self, cfg, student: Architecture, teacher: Architecture):
         super().__init__()
@@ -81,7 +88,7 @@ class OutputKLTerm(Term):
 
     def __init__(self, cfg: C.OutputKL, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
-        self.normalizer = "masked" if cfg.positions == "masked" else "tokens"
+        self.normalizer = "targets" if cfg.positions == "masked" else "tokens"
 
     def forward(self, student, teacher, batch):
         if self.cfg.positions == "masked":
@@ -96,11 +103,46 @@ class OutputKLTerm(Term):
 class MaskedLMTerm(Term):
     """Hard masked-LM loss on the corpus labels."""
 
-    normalizer = "masked"
+    normalizer = "targets"
     needs_logits = True
 
     def forward(self, student, teacher, batch):
         return mlm_cross_entropy(student.logits, batch["labels"])
+
+
+class LogitDivergenceTerm(Term):
+    """Causal LMs: next-token divergence at every target position, chunk by chunk (GKD eq. 1, DistiLLM).
+
+    ``batch["labels"]`` holds, at position t, the token t predicts (already shifted), -100 where nothing is
+    distilled (prompt, padding, after the end of a sample). Neither model's (B, T, V) logits are built:
+    both output layers run on ``chunk_size`` rows at a time.
+    """
+
+    normalizer = "targets"
+    needs_causal_head = True
+
+    def forward(self, student, teacher, batch):
+        mask = batch["labels"] != -100  # (B, T)
+        teacher_rows = teacher.last_hidden[mask]  # (N, d_T): small next to (N, V)
+        teacher_head = teacher.output_layer
+        c = self.cfg
+        return chunked_logit_divergence(
+            student.last_hidden, student.output_layer, lambda rows: teacher_head(teacher_rows[rows]), mask,
+            chunk_size=c.chunk_size, kind=c.divergence, temperature=c.temperature, beta=c.beta, alpha=c.alpha,
+            teacher_topk=c.teacher_topk,
+        )
+
+
+class CausalLMTerm(Term):
+    """The student's own next-token cross-entropy on the corpus (needs no teacher)."""
+
+    normalizer = "targets"
+    needs_causal_head = True
+    needs_teacher = False
+
+    def forward(self, student, teacher, batch):
+        return chunked_cross_entropy(student.last_hidden, student.output_layer, batch["labels"],
+                                     chunk_size=self.cfg.chunk_size)
 
 
 class HiddenStatesTerm(Term):
