@@ -159,6 +159,8 @@ REGIMES = {
     "gkd": ["data.prompt_tokens=6"],
     "gkd-seqkd": ["data.prompt_tokens=6", "on_policy.fraction=0.5", "on_policy.teacher_fraction=0.5"],
     "teacher-free": [],
+    "gkd-adaptive": ["data.prompt_tokens=6", "on_policy.fraction=0", "on_policy.adaptive=true",
+                     "on_policy.adaptive_initial=1.0", "on_policy.replay_capacity=4"],
 }
 
 
@@ -174,9 +176,12 @@ def test_regimes_run_through_the_cli(regime, family, request, causal_args, tmp_p
     assert all(r["loss"] == r["loss"] and r["loss"] >= 0 for r in rows)
     if recipe == "gkd":
         fractions = rows[-1]
-        assert fractions["policy/student"] + fractions["policy/teacher"] + fractions["policy/dataset"] == 1
+        assert sum(fractions[f"policy/{k}"] for k in ("student", "teacher", "dataset", "replay")) == 1
         if regime == "gkd":
             assert fractions["policy/student"] == 1.0
+        if regime == "gkd-adaptive":  # phi = 1: the first batch fills the buffer, later ones generate or replay
+            assert fractions["policy/phi"] == 1.0 and fractions["policy/dataset"] == 0
+            assert rows[0]["policy/student"] == 1.0
     _check_student(out, teacher)
 
 
@@ -209,18 +214,26 @@ def test_hidden_and_minilmv2_transfer_to_decoders(tiny_llama, causal_args, tmp_p
     assert all(r["loss"] >= 0 for r in _metrics(out) if "loss" in r)
 
 
-def test_on_policy_resume_is_exact(tiny_gpt2, causal_args, tmp_path):
-    args = causal_args(tiny_gpt2, "data.prompt_tokens=6", "on_policy.fraction=0.5", "train.steps=4",
-                       "train.save_every=2")
+ADAPTIVE = ["on_policy.fraction=0", "on_policy.adaptive=true", "on_policy.adaptive_initial=0.6",
+            "on_policy.replay_capacity=4"]
+
+
+@pytest.mark.parametrize("policy", [["on_policy.fraction=0.5"], ADAPTIVE], ids=["gkd", "distillm"])
+def test_on_policy_resume_is_exact(policy, tiny_gpt2, causal_args, tmp_path):
+    args = causal_args(tiny_gpt2, "data.prompt_tokens=6", *policy, "train.steps=6", "train.save_every=3",
+                       "train.eval_every=2")
     straight = tmp_path / "straight"
     assert main(["distill", "gkd", *args, "--out", str(straight), "--no-progress"]) == 0
     split = tmp_path / "split"
-    assert main(["distill", "gkd", *args, "--set", "train.stop_at=2", "--out", str(split), "--no-progress"]) == 0
+    assert main(["distill", "gkd", *args, "--set", "train.stop_at=3", "--out", str(split), "--no-progress"]) == 0
     assert main(["distill", "gkd", *args, "--out", str(split), "--resume", "--no-progress"]) == 0
     a = [r for r in _metrics(straight) if "loss" in r]
     b = [r for r in _metrics(split) if "loss" in r]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["policy/student"] for r in a] == [r["policy/student"] for r in b]
+    if policy is ADAPTIVE:
+        assert [r.get("policy/replay") for r in a] == [r.get("policy/replay") for r in b]
+        assert any(r["policy/replay"] > 0 for r in a)  # the buffer was reused
 
 
 def test_mismatched_objectives_are_refused(tiny_gpt2, tiny_teacher, causal_args, tiny_args, tmp_path, capsys):

@@ -265,16 +265,30 @@ class OnPolicyConfig(_Strict):
     max_new_tokens: int | None = Field(
         None, ge=1, description="Tokens sampled per prompt; null fills the sequence up to data.max_length."
     )
+    adaptive: bool = Field(
+        False,
+        description="DistiLLM's adaptive off-policy schedule instead of a fixed fraction: the probability of "
+        "student outputs starts at adaptive_initial and rises by 0.1 each time the held-out loss rises by "
+        "0.1 or more; generations go to a replay buffer and are reused (Ko et al. 2024).",
+    )
+    adaptive_initial: float = Field(0.0, ge=0.0, le=1.0, description="DistiLLM's initial probability (0 for GPT-2).")
+    replay_capacity: int = Field(1000, ge=1, description="Replay buffer size in sequences (DistiLLM: 1000).")
+    replay_schedule: Literal["decreasing", "constant", "increasing"] = Field(
+        "decreasing", description="Share of fresh generations among student outputs over training (DistiLLM)."
+    )
 
     @model_validator(mode="after")
     def _at_most_one(self) -> OnPolicyConfig:
         if self.fraction + self.teacher_fraction > 1.0 + 1e-9:
             raise ValueError("on_policy.fraction + on_policy.teacher_fraction must be at most 1")
+        if self.adaptive and (self.fraction or self.teacher_fraction):
+            raise ValueError("on_policy.adaptive sets the student fraction itself: leave on_policy.fraction and "
+                             "on_policy.teacher_fraction at 0")
         return self
 
     @property
     def samples(self) -> bool:
-        return self.fraction > 0 or self.teacher_fraction > 0
+        return self.fraction > 0 or self.teacher_fraction > 0 or self.adaptive
 
 
 class AssistantConfig(_Strict):
@@ -310,6 +324,9 @@ class DistillConfig(_Strict):
         if self.data.prompt_tokens and self.data.prompt_tokens >= self.data.max_length - 1:
             raise ValueError(f"data.prompt_tokens={self.data.prompt_tokens} leaves no continuation in "
                              f"data.max_length={self.data.max_length}: lower it")
+        if self.on_policy.adaptive and self.on_policy.replay_capacity < self.train.batch_size:
+            raise ValueError(f"on_policy.replay_capacity={self.on_policy.replay_capacity} is below train.batch_size="
+                             f"{self.train.batch_size}: raise it")
         if self.on_policy.samples and not (self.data.prompt_field or self.data.prompt_tokens):
             raise ValueError("on-policy sampling needs prompts: set data.prompt_tokens (e.g. 32) for plain text, or "
                              "data.prompt_field for prompt / completion records")

@@ -36,8 +36,11 @@ def print_summary(result) -> None:
     table.add_row("parameters", _fmt(s["teacher_parameters"]), _fmt(s["student_parameters"]))
     table.add_row("held-out distillation loss (start -> end)", "",
                   f"{_fmt(s['heldout_loss_start'])} -> {_fmt(s['heldout_loss_end'])}")
-    table.add_row("cosine of mean-pooled embeddings (start -> end)", "",
-                  f"{_fmt(s.get('embedding_cosine_start'))} -> {_fmt(s['embedding_cosine_end'])}")
+    if "heldout_perplexity" in s:  # causal LMs: perplexity, not a sentence-embedding cosine
+        table.add_row("held-out perplexity", "", _fmt(s["heldout_perplexity"]))
+    else:
+        table.add_row("cosine of mean-pooled embeddings (start -> end)", "",
+                      f"{_fmt(s.get('embedding_cosine_start'))} -> {_fmt(s['embedding_cosine_end'])}")
     console.print(table)
     console.print(f"student: {result.student_dir}  ({s['steps']} steps, {s['seconds']} s)")
     console.print(f"run:     {result.run_dir}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)")

@@ -25,6 +25,7 @@ from tadistill.config import DistillConfig
 from tadistill.errors import ConfigError
 from tadistill.registry import OBJECTIVES
 from tadistill.students.spec import build_student_from_spec
+from tadistill.training.replay import AdaptiveOffPolicy, ReplayBuffer
 from tadistill.training.rundir import RunDir
 from tadistill.training.terms import ModelOutputs, Term, merge_requests
 
@@ -88,6 +89,8 @@ class Lane:
     failed: str | None = None
     captured: Captured | None = None  # set while the loop's capture context is open
     sources: dict[str, int] = field(default_factory=dict)  # micro-batches per continuation source (logged)
+    adaptive: AdaptiveOffPolicy | None = None  # DistiLLM's schedule and its replay buffer (on_policy.adaptive)
+    replay: ReplayBuffer | None = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -172,7 +175,13 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
     student = build_student_from_spec(config, teacher, tokenizer, head=head)
     student_arch = resolve_architecture(student)
     terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in active]
-    return Lane(name, config, run, student, student_arch, terms, Distiller(student, terms))
+    lane = Lane(name, config, run, student, student_arch, terms, Distiller(student, terms))
+    op = config.on_policy
+    if op.adaptive:
+        lane.adaptive = AdaptiveOffPolicy(total_steps=config.train.steps, capacity=op.replay_capacity,
+                                          initial=op.adaptive_initial, schedule=op.replay_schedule)
+        lane.replay = ReplayBuffer(op.replay_capacity)
+    return lane
 
 
 def check_shared(lanes: list[Lane]) -> None:

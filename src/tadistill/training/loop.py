@@ -208,29 +208,38 @@ class Trainer:
             out.append(MicroBatch(number, sequences, prompts, variants))
         return out
 
-    def _lane_batch(self, lane: Lane, micro: MicroBatch) -> tuple[object, dict[str, Tensor]]:
+    def _lane_batch(self, lane: Lane, micro: MicroBatch, step: int) -> tuple[object, dict[str, Tensor]]:
         """The batch ``lane`` trains on for ``micro``, and the key its teacher outputs are shared under.
 
         Dataset continuations are shared by every lane (one teacher forward); sampled ones are the lane's own.
+        The draws use generators seeded by (train.seed, batch number): equal in a study and alone, and on resume.
         """
-        cfg = lane.config.on_policy
+        cfg, seed = lane.config.on_policy, self.cfg.train.seed
         source = "dataset"
-        if cfg.samples:
-            source = draw_source(cfg, torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, "policy",
-                                                                             micro.number)))
+        if lane.adaptive is not None:  # DistiLLM: dataset, fresh student outputs, or replayed ones
+            decision = lane.adaptive.decide(torch.Generator().manual_seed(_seed_for(seed, "policy", micro.number)),
+                                            len(lane.replay), step=step - 1)
+            source = {"dataset": "dataset", "generate": "student", "replay": "replay"}[decision]
+        elif cfg.samples:  # GKD: student with probability lambda, teacher (seq-KD) with teacher_fraction
+            source = draw_source(cfg, torch.Generator().manual_seed(_seed_for(seed, "policy", micro.number)))
         lane.sources[source] = lane.sources.get(source, 0) + 1
         if source == "dataset":
             return lane.masked_inputs, micro.variants[lane.masked_inputs]
+        if source == "replay":
+            sequences, prompt_lengths = lane.replay.sample(
+                len(micro.sequences), torch.Generator().manual_seed(_seed_for(seed, "replay", micro.number)))
+            return (lane.name, source), self._batch(sequences, prompt_lengths, masked=False, seed=0)
         model = self.acc.unwrap_model(lane.model).student if source == "student" else self.teacher
-        generator = torch.Generator(self.acc.device).manual_seed(_seed_for(self.cfg.train.seed, "sample", micro.number))
+        generator = torch.Generator(self.acc.device).manual_seed(_seed_for(seed, "sample", micro.number))
         prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
         sequences = sample_continuations(
             model, prompts, max_length=self.cfg.data.max_length, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
             generator=generator,
         )
-        batch = self._batch(sequences, micro.prompt_lengths, masked=False, seed=0)
-        return (lane.name, source), batch
+        if lane.replay is not None:
+            lane.replay.push(sequences, micro.prompt_lengths)
+        return (lane.name, source), self._batch(sequences, micro.prompt_lengths, masked=False, seed=0)
 
     def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool) -> ModelOutputs:
         """Teacher signals for one batch; tensors made under inference_mode are cloned (autograd may save them)."""
@@ -323,6 +332,8 @@ class Trainer:
         if lane.config.on_policy.samples:  # GKD: the fraction of micro-batches drawn from each source so far
             total = max(sum(lane.sources.values()), 1)
             row.update({f"policy/{name}": lane.sources.get(name, 0) / total for name in SOURCES})
+            if lane.adaptive is not None:
+                row["policy/phi"] = lane.adaptive.probability
         return row
 
     def _step(self, step: int, t_cap: Captured) -> tuple[dict[str, dict], float, list[Lane]]:
@@ -332,7 +343,7 @@ class Trainer:
         lanes = self._active()
         # Every lane's batches first (sampling happens here), so each term can be divided by its global count
         # (tokens or targets) of the whole step before the first backward.
-        plans = {lane.name: [self._lane_batch(lane, m) for m in micros] for lane in lanes}
+        plans = {lane.name: [self._lane_batch(lane, m, step) for m in micros] for lane in lanes}
         local = [_counts([b for _, b in plans[lane.name]], acc.device) for lane in lanes]
         local.append(_counts([m.variants[self.variants[0]] for m in micros], acc.device))  # data tokens (speed)
         counts = acc.reduce(torch.stack(local), reduction="sum")  # (lanes + 1, 2)
@@ -371,6 +382,9 @@ class Trainer:
             for lane in self.lanes:
                 saved = extra["lanes"][lane.name]
                 lane.rng, lane.failed, lane.sources = saved["rng"], saved["failed"], dict(saved.get("sources", {}))
+                if lane.adaptive is not None:
+                    lane.adaptive.load_state_dict(saved["adaptive"])
+                    lane.replay.load_state_dict(saved["replay"])
         if acc.is_main_process:
             for lane in self.lanes:
                 # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
@@ -443,7 +457,9 @@ class Trainer:
         self._log(lane, {"step": step, "failed": lane.failed})
 
     def _save(self, step: int) -> Path:
-        extra = {"lanes": {lane.name: {"rng": lane.rng, "failed": lane.failed, "sources": lane.sources}
+        extra = {"lanes": {lane.name: {"rng": lane.rng, "failed": lane.failed, "sources": lane.sources,
+                                       "adaptive": lane.adaptive.state_dict() if lane.adaptive else None,
+                                       "replay": lane.replay.state_dict() if lane.replay else None}
                            for lane in self.lanes}}
         return save_checkpoint(self.acc, self.checkpoints, step, config_yaml=self.state_yaml,
                                keep=self.cfg.train.keep_checkpoints, extra=extra)
@@ -461,5 +477,8 @@ class Trainer:
     def _log_eval(self, step: int, t_cap: Captured, result: LoopResult) -> None:
         for name, values in self.evaluate(t_cap).items():
             row = {"step": step, **values}
+            lane = self._lane(name)
+            if lane.adaptive is not None:  # DistiLLM: a rising held-out loss raises the student-output probability
+                row["policy/phi"] = lane.adaptive.update(values["eval/loss"])
             self._log(self._lane(name), row)
             result.evaluations.setdefault(name, []).append(row)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tadistill.config import OnPolicyConfig
 
-SOURCES = ("dataset", "student", "teacher")
+SOURCES = ("dataset", "student", "teacher", "replay")  # replay: DistiLLM's buffer
 
 
 def draw_source(cfg: OnPolicyConfig, generator: torch.Generator) -> str:
