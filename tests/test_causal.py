@@ -18,7 +18,7 @@ from tadistill.errors import ConfigError
 from tadistill.objectives.logits import logit_divergence
 from tadistill.training.loop import next_token_labels
 from tadistill.training.sampling import draw_source, sample_continuations, top_p_filter
-from tadistill.training.terms import CausalLMTerm, LogitDivergenceTerm, ModelOutputs
+from tadistill.training.terms import CausalLMTerm, LogitDivergenceTerm, ModelOutputs, MomentMatchingTerm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,6 +183,32 @@ def test_regimes_run_through_the_cli(regime, family, request, causal_args, tmp_p
             assert fractions["policy/phi"] == 1.0 and fractions["policy/dataset"] == 0
             assert rows[0]["policy/student"] == 1.0
     _check_student(out, teacher)
+
+
+def test_ammd_alternates_players_and_uses_both_moments(tiny_gpt2, causal_args, tmp_path):
+    out = tmp_path / "ammd"
+    args = causal_args(tiny_gpt2, "data.prompt_tokens=6", "train.steps=4", "train.max_grad_norm=null")
+    assert main(["distill", "ammd", *args, "--out", str(out), "--no-progress"]) == 0
+    rows = [r for r in _metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(abs(r["loss"]) <= 2.0 + 1e-6 for r in rows)  # per token, |f| <= 1 bounds a moment gap by 2
+    assert 0 < rows[-1]["policy/student"] < 1  # both on- and off-policy batches were drawn
+    _check_student(out, tiny_gpt2)
+
+
+def test_ammd_held_parameters_alternate(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    arch = resolve_architecture(model)
+    term = MomentMatchingTerm(C.MomentMatching(), arch, arch)
+    holder = torch.nn.ModuleDict({"student": model, "term": term})
+    q_ids = {id(p) for p in term.q_head.parameters()}
+    odd = {id(p) for p in term.held_parameters(1, holder)}
+    even = {id(p) for p in term.held_parameters(2, holder)}
+    assert even == q_ids and odd.isdisjoint(q_ids) and len(odd) == len(list(model.parameters()))
+    assert term.q_head.proj.out_features == model.config.vocab_size
+    assert MomentMatchingTerm(C.MomentMatching(alternate=False), arch, arch).held_parameters(1, holder) == []
 
 
 def test_teacher_free_never_runs_the_teacher(tiny_gpt2, causal_args, tmp_path, monkeypatch):

@@ -185,9 +185,27 @@ class CausalLM(_Objective):
     chunk_size: int = Field(1024, ge=1, description="Positions per chunk; peak memory grows as chunk_size x vocab.")
 
 
+class MomentMatching(_Objective):
+    """AMMD (Jia 2024): adversarial moment matching of action values; a reconstruction, see moment_matching.py.
+
+    beta, the weight of the on-policy moment, is realised by sampling: set on_policy.fraction=beta (student
+    samples, on-policy term) and on_policy.teacher_fraction=1-beta (teacher samples, off-policy term); a
+    dataset continuation counts as off-policy.
+    """
+
+    kind: Literal["moment-matching"] = "moment-matching"
+    bound: float = Field(1.0, gt=0.0, description="|f| <= bound: the Q head is bound * tanh(W h + b).")
+    alternate: bool = Field(
+        True, description="Alternate updates: odd steps train the Q head only, even steps the student only; "
+        "false updates both every step (simultaneous gradient descent-ascent)."
+    )
+    reward_to_go: bool = Field(True, description="Weigh the on-policy policy gradient by the cost-to-go.")
+    baseline: Literal["expected", "none"] = Field("expected", description="Policy-gradient baseline.")
+
+
 Objective = Annotated[
     Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE, LogitDivergence,
-          CausalLM],
+          CausalLM, MomentMatching],
     Field(discriminator="kind"),
 ]
 

@@ -34,6 +34,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         C.LogitDivergence, T.LogitDivergenceTerm, "Hinton et al. 2015; Agarwal et al. 2024 (GKD); Ko et al. 2024"
     ),
     "lm": ObjectiveEntry(C.CausalLM, T.CausalLMTerm, "Radford et al. 2019; teacher-free continued pretraining"),
+    "moment-matching": ObjectiveEntry(C.MomentMatching, T.MomentMatchingTerm, "Jia 2024 (AMMD), reconstructed"),
 }
 
 
@@ -57,6 +58,7 @@ RECIPES: dict[str, RecipeEntry] = {
     ),
     "kd": RecipeEntry("kd.yaml", "causal LMs: forward KL of next-token distributions (word-level KD), chunked"),
     "gkd": RecipeEntry("gkd.yaml", "causal LMs: on-policy GKD, student samples (lambda 1), JSD(0.5)"),
+    "ammd": RecipeEntry("ammd.yaml", "causal LMs: adversarial moment matching, Q head vs student (reconstruction)"),
     "teacher-free": RecipeEntry(
         "teacher-free.yaml", "causal LMs: truncate the teacher, continue pretraining with the LM loss only"
     ),

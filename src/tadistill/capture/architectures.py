@@ -114,6 +114,7 @@ class Architecture:
     num_kv_heads: int
     head_dim: int
     causal: bool
+    vocab_size: int | None = None  # rows of the token embedding table (None: no text input, e.g. ViT)
 
     def __post_init__(self) -> None:
         separate = (self.query, self.key, self.value)
@@ -214,6 +215,7 @@ def resolve_architecture(model: nn.Module) -> Architecture:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         causal=causal,
+        vocab_size=getattr(config, "vocab_size", None),
     )
     _check_widths(cls, blocks[0], arch)
     return arch

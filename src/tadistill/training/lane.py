@@ -30,7 +30,7 @@ from tadistill.training.rundir import RunDir
 from tadistill.training.terms import ModelOutputs, Term, merge_requests
 
 MASKED_LM_KINDS = ("output-kl", "mlm")
-CAUSAL_LM_KINDS = ("logits", "lm")
+CAUSAL_LM_KINDS = ("logits", "lm", "moment-matching")
 
 # Settings every lane of one pass must share: they define the batches and the step count.
 SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every", "eval_batches", "save_every",

@@ -40,6 +40,8 @@ from tadistill.training.lane import Lane, check_shared
 from tadistill.training.sampling import SOURCES, draw_source, sample_continuations
 from tadistill.training.terms import ModelOutputs, merge_requests
 
+SAMPLED_BY = {"student": 1, "teacher": 2, "replay": 3}  # batch["sampled_by"]; dataset batches carry none
+
 
 @dataclass
 class TokenizerInfo:
@@ -228,7 +230,9 @@ class Trainer:
         if source == "replay":
             sequences, prompt_lengths = lane.replay.sample(
                 len(micro.sequences), torch.Generator().manual_seed(_seed_for(seed, "replay", micro.number)))
-            return (lane.name, source), self._batch(sequences, prompt_lengths, masked=False, seed=0)
+            batch = self._batch(sequences, prompt_lengths, masked=False, seed=0)
+            batch["sampled_by"] = torch.tensor(SAMPLED_BY["replay"])
+            return (lane.name, source), batch
         model = self.acc.unwrap_model(lane.model).student if source == "student" else self.teacher
         generator = torch.Generator(self.acc.device).manual_seed(_seed_for(seed, "sample", micro.number))
         prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
@@ -239,7 +243,9 @@ class Trainer:
         )
         if lane.replay is not None:
             lane.replay.push(sequences, micro.prompt_lengths)
-        return (lane.name, source), self._batch(sequences, micro.prompt_lengths, masked=False, seed=0)
+        batch = self._batch(sequences, micro.prompt_lengths, masked=False, seed=0)
+        batch["sampled_by"] = torch.tensor(SAMPLED_BY[source])  # AMMD tells on- from off-policy batches
+        return (lane.name, source), batch
 
     def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool) -> ModelOutputs:
         """Teacher signals for one batch; tensors made under inference_mode are cloned (autograd may save them)."""
@@ -320,6 +326,9 @@ class Trainer:
             parts = ", ".join(f"{t.kind}: {float(v):.4g}" for t, v in zip(lane.terms, values))
             lane.failed = f"loss is {loss} at step {step} ({parts})"
             return None
+        for term in lane.terms:  # alternating schemes (AMMD): one player waits this step
+            for param in term.held_parameters(step, lane.distiller):
+                param.grad = None
         tc = lane.config.train
         grad_norm = acc.clip_grad_norm_(lane.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
         lane.optimizer.step()

@@ -26,7 +26,11 @@ from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_di
 from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
 from tadistill.objectives.layer_maps import layer_map
+from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on_policy_term
 from tadistill.objectives.output import mlm_cross_entropy, soft_target_kl
+
+
+SAMPLED_BY_STUDENT = 1  # batch["sampled_by"] (training/loop.py SAMPLED_BY): the student's own fresh samples
 
 
 @dataclass
@@ -79,6 +83,10 @@ class Term(nn.Module):
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def held_parameters(self, step: int, distiller: nn.Module) -> list[nn.Parameter]:
+        """Parameters NOT updated at optimizer step ``step`` (alternating schemes); their gradients are dropped."""
+        return []
 
 
 class OutputKLTerm(Term):
@@ -298,6 +306,52 @@ class AttentionScoreTerm(Term):
             scores_t = attention_logits(t.query[lt], t.key[lt], num_heads=h_t, num_kv_heads=kv_t)
             total = total + attention_score_mse(scores_s, scores_t, mask, causal=self.causal)
         return total
+
+
+class MomentMatchingTerm(Term):
+    """AMMD (methods.md section 9): a Q head f(s_t, a) over the teacher's last hidden states plays against the
+    student. Each batch gives the off-policy moment (teacher or dataset continuations) or the on-policy one
+    (student samples, policy gradient); the value logged is the moment gap, the gradients are the student's
+    descent and the Q head's ascent (see ``objectives/moment_matching.py``).
+
+    Both models' (B, T, V) log-probabilities are built here (the policy gradient needs the student's at the
+    sampled tokens and the Q head's expectations need full rows): not chunked, unlike the logits term.
+    """
+
+    normalizer = "targets"
+    needs_causal_head = True
+
+    def __init__(self, cfg: C.MomentMatching, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        if not (student.vocab_size and teacher.vocab_size):
+            raise ConfigError("moment-matching needs language models with a vocabulary (vocab_size in their configs)")
+        # One Q value per real token: padded embedding rows beyond the smaller table are not tokens.
+        self.q_head = QValueHead(teacher.hidden_size, min(student.vocab_size, teacher.vocab_size), bound=cfg.bound)
+
+    def forward(self, student, teacher, batch):
+        mask = batch["labels"] != -100  # (B, T)
+        log_q_s = torch.log_softmax(student.output_layer(student.last_hidden).float(), dim=-1)  # (B, T, V_S)
+        with torch.no_grad():
+            log_q_t = torch.log_softmax(teacher.output_layer(teacher.last_hidden).float(), dim=-1)  # (B, T, V_T)
+        v = min(log_q_s.shape[-1], log_q_t.shape[-1])  # padded vocabularies: the real tokens only
+        log_q_s, log_q_t = log_q_s[..., :v].log_softmax(-1), log_q_t[..., :v].log_softmax(-1)
+        q = self.q_head(teacher.last_hidden)  # (B, T, V)
+        y = batch["labels"].clamp_min(0)
+        if int(batch.get("sampled_by", torch.tensor(0))) == SAMPLED_BY_STUDENT:
+            part = on_policy_term(q, log_q_s, log_q_t, y, mask, reward_to_go=self.cfg.reward_to_go,
+                                  baseline=self.cfg.baseline)
+        else:
+            part = off_policy_term(q, log_q_s, y, mask)
+        # Value: the moment gap; gradient: the student's descent plus the Q head's ascent.
+        return part.student_loss + (part.q_loss - part.q_loss.detach())
+
+    def held_parameters(self, step: int, distiller: nn.Module) -> list[nn.Parameter]:
+        if not self.cfg.alternate:
+            return []
+        q_params = {id(p) for p in self.q_head.parameters()}
+        if step % 2 == 1:  # the Q head's turn: the student waits
+            return [p for p in distiller.parameters() if id(p) not in q_params]
+        return list(self.q_head.parameters())
 
 
 def merge_requests(requests: list[CaptureRequest]) -> CaptureRequest:
