@@ -1,4 +1,4 @@
-"""``tadistill`` command line: distill, demo, recipes, inspect, evaluate, compare, report.
+"""``tadistill`` command line: distill, demo, recipes, inspect, evaluate, compare, report, teacher.
 
 Every subcommand is a thin layer over the Python API. User mistakes (TadistillError) print one line,
 ``error: ...``, and exit with status 2; there is no traceback for them.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from tadistill.errors import TadistillError
 
 DEMO_RECIPE = "minilmv2"
+EXAMPLES = {"encoder": "example.yaml", "causal": "example_causal.yaml"}  # compare --example NAME
 # The demo: the built-in teacher (6x384) into a 3-layer student, sized to finish in minutes on 2 CPU
 # cores. The student starts from every other teacher block so that a short run already shows a
 # faithful student; the recipe's own default is a random start.
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train and evaluate a study: methods x student shapes, one table")
     p.add_argument("study", nargs="?", help="study YAML (see docs); or --example")
-    p.add_argument("--example", action="store_true", help="run the built-in example study")
+    p.add_argument("--example", nargs="?", const="encoder", choices=sorted(EXAMPLES),
+                   help="run a built-in example study: 'encoder' (default; the built-in MiniLM teacher) or "
+                   "'causal' (tadistill's own small GPT-2 teacher, trained first when not cached)")
     p.add_argument("--out", help="study folder (default: runs/<study name>-<time>)")
     p.add_argument("--resume", action="store_true", help="skip finished cells, continue an interrupted pass")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out")
@@ -87,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild tables and plots of finished studies")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="study folders written by tadistill compare")
+
+    p = sub.add_parser("teacher", help="tadistill's own small causal-LM teacher (builtin-gpt2)")
+    teacher_sub = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    t = teacher_sub.add_parser("train", help="train the small GPT-2 teacher on the built-in corpus (cached)")
+    t.add_argument("--out", help="folder for the teacher (default: the cache that 'builtin-gpt2' refers to)")
+    t.add_argument("--overwrite", action="store_true", help="retrain even when the teacher exists")
+    t.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -168,7 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if bool(args.example) == bool(args.study):
         raise ConfigError("give a study YAML or --example (not both)")
-    path = Path(str(resources.files("tadistill") / "study" / "example.yaml")) if args.example else Path(args.study)
+    path = Path(str(resources.files("tadistill") / "study" / EXAMPLES[args.example])) if args.example else Path(args.study)
     study = load_study(path)
     out = args.out or _default_out(study.name)
     report = compare(study, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -189,9 +199,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tadistill.teachers.causal import default_teacher_dir, train_causal_teacher
+
+    out = Path(args.out) if args.out else default_teacher_dir()
+    if (out / "teacher.json").is_file() and not args.overwrite:
+        print(f"teacher already trained: {out} (pass --overwrite to train it again)")
+    else:
+        train_causal_teacher(out, progress=not args.no_progress, overwrite=args.overwrite)
+    info = json.loads((out / "teacher.json").read_text())
+    summary = {k: info[k] for k in ("heldout_perplexity", "train_seconds") if k in info}
+    print(f"teacher: {out}  {json.dumps(summary)}")
+    print("use it with --set teacher=builtin-gpt2 (the cached default) or --set teacher=" + str(out))
+    return 0
+
+
 COMMANDS = {
     "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
-    "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
+    "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "teacher": cmd_teacher,
 }
 
 
