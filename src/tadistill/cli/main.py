@@ -235,8 +235,13 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from tadistill.training.signals import Interrupted
+
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as exc:  # SIGTERM / Ctrl-C: a checkpoint was written first
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except TadistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

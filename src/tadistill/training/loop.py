@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tadistill.training.lane import Lane, check_shared
 from tadistill.training.sampling import SOURCES, draw_source, sample_continuations
+from tadistill.training.signals import Interrupted, StopSignals
 from tadistill.training.terms import ModelOutputs, merge_requests
 
 SAMPLED_BY = {"student": 1, "teacher": 2, "replay": 3}  # batch["sampled_by"]; dataset batches carry none
@@ -78,6 +80,7 @@ class LoopResult:
     start_step: int
     final_step: int
     stopped_early: bool = False
+    interrupted: int | None = None  # the signal that stopped the run (after a checkpoint)
     evaluations: dict[str, list[dict]] = field(default_factory=dict)  # lane -> eval rows logged now
 
 
@@ -404,6 +407,7 @@ class Trainer:
         last_good = ckpt
 
         with ExitStack() as stack:
+            signals = stack.enter_context(StopSignals())
             for lane in self.lanes:
                 lane.captured = stack.enter_context(capture(lane.student, lane.student_arch, lane.request))
             t_cap = (stack.enter_context(capture(self.teacher, self.teacher_arch, self.teacher_request))
@@ -430,15 +434,30 @@ class Trainer:
                     break
                 if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
                     self._log_eval(step, t_cap, result)
-                if (tc.save_every and step % tc.save_every == 0) or step == stop_at:
+                stop = step != stop_at and self._signalled(signals)
+                if (tc.save_every and step % tc.save_every == 0) or step == stop_at or stop:
                     last_good = self._save(step)
+                if stop:
+                    result.interrupted = signals.received or signal.SIGTERM
+                    break
             bar.close()
             if result.final_step == tc.steps and start_step < tc.steps and self._active():
                 self._log_eval(tc.steps, t_cap, result)  # the periodic evaluation skips the last step
         for writer in self.writers.values():
             writer.close()
         result.stopped_early = result.final_step < tc.steps
+        if result.interrupted:
+            name = signal.Signals(result.interrupted).name
+            raise Interrupted(f"stopped by {name} after step {result.final_step}: checkpoint {last_good} written; "
+                              "continue with --resume", result.interrupted)
         return result
+
+    def _signalled(self, signals: StopSignals) -> bool:
+        """Whether any process received SIGTERM / SIGINT (all processes must stop at the same step)."""
+        flag = torch.tensor([1.0 if signals.received is not None else 0.0], device=self.acc.device)
+        if self.world > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
     # ----------------------------------------------------------------------------------- bookkeeping
 
