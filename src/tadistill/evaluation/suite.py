@@ -25,11 +25,16 @@ from tadistill.evaluation.fidelity import fidelity
 from tadistill.evaluation.intrinsic import causal_perplexity, has_lm_head, masked_lm_perplexity
 from tadistill.evaluation.latency import compare_latency, flatten_latency, measure_latency, size_on_disk
 from tadistill.evaluation.zero_shot import zero_shot
-from tadistill.loading import load_pretrained, load_tokenizer, resolve_model_path
+from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
 
 
 def _load_with_head(name: str, *, trust_remote_code: bool, what: str):
-    """The model with its masked-LM head when it has one (for output KL and perplexity), else the base."""
+    """The model with its LM head when it has one (for output KL and perplexity), else the base.
+
+    Causal LMs load with their causal-LM head; encoders with their masked-LM head when they carry one.
+    """
+    if is_causal_lm(load_model_config(name, trust_remote_code=trust_remote_code, what=what)):
+        return load_pretrained(name, head="causal-lm", trust_remote_code=trust_remote_code, what=what)
     try:
         return load_pretrained(name, head="mlm", trust_remote_code=trust_remote_code, what=what)
     except ModelError:

@@ -21,7 +21,8 @@ from tadistill.reports.tables import study_table, write_results
 # Columns of the study table besides the task metrics (the full rows are in results.csv / .json).
 SUMMARY_KEYS = (
     "flops_per_token", "latency_b1_ms", "speedup_b1", "fidelity/final_cka", "fidelity/relation_kl",
-    "fidelity/embedding_cosine", "fidelity/nn_overlap@10", "intrinsic/mlm_perplexity",
+    "fidelity/embedding_cosine", "fidelity/nn_overlap@10", "fidelity/output_kl", "intrinsic/mlm_perplexity",
+    "intrinsic/perplexity",
 )
 
 
