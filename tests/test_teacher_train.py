@@ -180,3 +180,21 @@ def test_cached_teacher_is_trained_once(tmp_path, monkeypatch):
     assert cached_causal_teacher(spec, progress=False) == folder
     assert len(calls) == 1  # the second call found the cache
     assert default_teacher_dir(TINY) != folder  # another spec, another folder
+
+
+def test_cli_teacher_train_and_the_builtin_gpt2_alias(texts, tmp_path, monkeypatch, capsys, tiny_gpt2):
+    from tadistill import loading
+    from tadistill.cli.main import main
+
+    real = causal.train_causal_teacher
+    monkeypatch.setattr(causal, "train_causal_teacher",
+                        lambda out, **kw: real(out, TINY, texts=texts, progress=False, overwrite=kw["overwrite"]))
+    out = tmp_path / "cli-teacher"
+    assert main(["teacher", "train", "--out", str(out), "--no-progress"]) == 0
+    assert "heldout_perplexity" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == TINY.layers
+    assert main(["teacher", "train", "--out", str(out)]) == 0  # cached: no second training
+    assert "already trained" in capsys.readouterr().out
+    # 'builtin-gpt2' resolves through the cache (here pointed at a tiny GPT-2).
+    monkeypatch.setattr(causal, "cached_causal_teacher", lambda **kw: tiny_gpt2)
+    assert loading.resolve_model_path("builtin-gpt2") == str(tiny_gpt2)
