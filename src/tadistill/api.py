@@ -70,8 +70,10 @@ def distill(
 def _run(
     config: DistillConfig, run: RunDir, *, resume: bool, overwrite: bool, progress: bool, prepared: bool = False
 ) -> DistillResult:
+    accelerator = new_accelerator(config.train.precision)
     if not prepared:
         run.check(config, resume=resume, overwrite=overwrite)  # refuse early, before the slow setup
+    accelerator.wait_for_everyone()  # every process has checked before the main one creates anything
     began = time.perf_counter()
     # Everything that can refuse the config (models, terms, corpus) runs before the run directory is
     # created, so a mistake leaves nothing behind that a corrected re-run would trip over.
@@ -86,9 +88,9 @@ def _run(
         # Teacher-free (methods.md section 6): the teacher's weights were only read to build the student
         # by truncation; it is dropped before training and no teacher forward ever runs.
         teacher = None
-    if not prepared:
+    if not prepared and accelerator.is_main_process:
         run.prepare(config, resume=resume, overwrite=overwrite)
-    accelerator = new_accelerator(config.train.precision)
+    accelerator.wait_for_everyone()
     trainer = Trainer(
         [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
         tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),

@@ -25,6 +25,8 @@ def _fmt(value) -> str:
 def print_summary(result) -> None:
     console = Console()
     s = result.summary
+    if not s:  # a non-main process of a multi-process run: the main process reports
+        return
     if result.student_dir is None:
         console.print(f"stopped after step {s.get('stopped_at')}: continue with --resume --out {result.run_dir}")
         return

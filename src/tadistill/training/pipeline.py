@@ -11,6 +11,7 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 
 from tadistill.capture.architectures import resolve_architecture
 from tadistill.config import DistillConfig
@@ -45,7 +46,10 @@ def new_accelerator(precision: str) -> Accelerator:
     # another precision; reset it (keeping any process group) so that one Python process can run several
     # distillations, e.g. a notebook, a study, or the teacher-assistant chain.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision)
+    # Students carry weights no objective reaches (BERT's pooler; blocks above the last mapped layer), and
+    # DDP refuses a step where a parameter got no gradient unless told to look for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
 
 
 def start_cosine(lane: Lane, teacher, tokenizer, texts: list[str]) -> float | None:
