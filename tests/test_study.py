@@ -198,10 +198,10 @@ def test_causal_study_trains_sampling_and_teacher_free_cells_in_one_pass(tmp_pat
         "data": {"source": str(tiny_corpus), "max_length": 24, "heldout_fraction": 0.3, "prompt_tokens": 6,
                  "cache_dir": str(tmp_path / "cache")},
         "train": {"steps": 3, "batch_size": 4, "eval_every": 0, "save_every": 0, "eval_batches": 1, "log_every": 1},
-        "methods": [
+        "methods": [  # teacher-free first: its lane must not hide the teacher from the lanes after it
+            {"name": "tf", "recipe": "teacher-free"},
             {"name": "fkl", "recipe": "kd"},
             {"name": "gkd", "recipe": "gkd"},
-            {"name": "tf", "recipe": "teacher-free"},
         ],
         "students": ["2x32"],
         "evaluation": {"tasks": [], "seeds": [0], "fidelity_texts": 12, "latency": False},

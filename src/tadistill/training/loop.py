@@ -368,14 +368,17 @@ class Trainer:
             teachers: dict[object, ModelOutputs] = {}
             for lane in lanes:
                 key, batch = plans[lane.name][i]
-                if key not in teachers:
-                    masked = key if isinstance(key, bool) else False
-                    needed = lane.needs_teacher
-                    teachers[key] = self._teacher_outputs(batch, t_cap, masked) if needed else ModelOutputs(Captured())
-                sums[lane.name] += self._lane_backward(lane, batch, teachers[key], scales[lane.name],
+                if not lane.needs_teacher:  # teacher-free lanes never trigger (nor wait for) a teacher forward
+                    teacher = ModelOutputs(Captured())
+                elif key in teachers:
+                    teacher = teachers[key]
+                else:
+                    teacher = self._teacher_outputs(batch, t_cap, key if isinstance(key, bool) else False)
+                    if isinstance(key, bool):  # dataset batches are shared; a lane's own samples are not
+                        teachers[key] = teacher
+                sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name],
                                                        sync=i == len(micros) - 1)
-                if not isinstance(key, bool):
-                    del teachers[key]  # a lane's own sampled batch: nobody else uses its teacher outputs
+                del teacher
             del teachers
         rows, failed = {}, []
         for lane in lanes:
