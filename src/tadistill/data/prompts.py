@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tadistill.data.sources import BUILTIN, _short
+from tadistill.data.sources import BUILTIN, _short, data_files
 from tadistill.data.tokenized import (
     _TOKENIZE_BATCH,
     CorpusSplits,
@@ -213,26 +213,7 @@ def _join(prompt: str, completion: str) -> str:
 
 def _pair_files(source: str, path: Path) -> list[Path]:
     """The pair files of a file or folder source, sorted by path."""
-    if path.is_file():
-        if path.suffix.lower() not in PAIR_SUFFIXES:
-            raise DataError(
-                f"prompt data file {source!r} has an unsupported type {path.suffix!r}: use one of "
-                f"{', '.join(PAIR_SUFFIXES)}"
-            )
-        return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in PAIR_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise DataError(
-            f"prompt data {source!r} is empty: the folder holds no {', '.join(PAIR_SUFFIXES)} files; "
-            "add some or point data.source elsewhere"
-        )
-    return files
+    return data_files(source, path, PAIR_SUFFIXES, what="prompt data")
 
 
 def _read_file(path: Path, fields: tuple[str, str]) -> list[tuple[Any, Any]]:

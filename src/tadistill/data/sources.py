@@ -95,24 +95,31 @@ def _local_path(source: str) -> Path | None:
 
 def _corpus_files(source: str, path: Path) -> list[Path]:
     """The readable corpus files of a file or folder source, sorted by path."""
+    return data_files(source, path, SUFFIXES, what="corpus")
+
+
+def data_files(source: str, path: Path, suffixes: tuple[str, ...], *, what: str) -> list[Path]:
+    """``path`` itself, or the files with one of ``suffixes`` under the folder (hidden ones skipped), sorted.
+
+    Raises DataError for a file of another type, or a folder without any such file.
+    """
     if path.is_file():
-        if path.suffix.lower() not in SUFFIXES:
+        if path.suffix.lower() not in suffixes:
             raise DataError(
-                f"corpus file {source!r} has an unsupported type {path.suffix!r}: "
-                f"use one of {', '.join(SUFFIXES)}"
+                f"{what} file {source!r} has an unsupported type {path.suffix!r}: use one of {', '.join(suffixes)}"
             )
         return [path]
     files = sorted(
         p
         for p in path.rglob("*")
         if p.is_file()
-        and p.suffix.lower() in SUFFIXES
+        and p.suffix.lower() in suffixes
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
         raise DataError(
-            f"corpus {source!r} is empty: the folder holds no {', '.join(SUFFIXES)} files; "
-            "add text files or point the corpus elsewhere"
+            f"{what} {source!r} is empty: the folder holds no {', '.join(suffixes)} files; add some or point "
+            "data.source elsewhere"
         )
     return files
 
