@@ -23,6 +23,7 @@ from tadistill.training.lane import build_lane
 from tadistill.training.loop import TokenizerInfo, Trainer
 from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, load_teacher, new_accelerator, start_cosine
 from tadistill.training.rundir import RunDir, config_to_yaml
+from tadistill.training.teacher_cache import TeacherSignals, lane_signal_spec, signal_meta
 
 
 @dataclass
@@ -82,11 +83,15 @@ def _run(
     splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))
     texts = splits.heldout_texts[:SUMMARY_TEXTS]
-    cosine_start = start_cosine(lane, teacher, tokenizer, texts)
+    signals = None
+    if config.teacher_signals:  # stored teacher outputs (tadistill cache-teacher) instead of teacher forwards
+        signals = TeacherSignals(config.teacher_signals, meta=signal_meta(config, teacher.config),
+                                 spec=lane_signal_spec(lane))
+    cosine_start = start_cosine(lane, teacher, tokenizer, texts) if signals is None else None
     teacher_parameters = count_parameters(teacher)
-    if not lane.needs_teacher:
-        # Teacher-free (methods.md section 6): the teacher's weights were only read to build the student
-        # by truncation; it is dropped before training and no teacher forward ever runs.
+    if not lane.needs_teacher or signals is not None:
+        # Teacher-free (methods.md section 6) or offline signals: the teacher's weights were only read to build
+        # the student; it is dropped before training and no teacher forward ever runs.
         teacher = None
     if not prepared and accelerator.is_main_process:
         run.prepare(config, resume=resume, overwrite=overwrite)
@@ -94,7 +99,7 @@ def _run(
     trainer = Trainer(
         [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
         tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),
-        progress=progress,
+        progress=progress, signals=signals,
     )
     result = trainer.run()
     accelerator.wait_for_everyone()
@@ -106,3 +111,38 @@ def _run(
         teacher_parameters=teacher_parameters,
     )
     return DistillResult(run.root, run.student, summary)
+
+
+def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run the teacher once over ``config``'s corpus and store what its objectives read (see teacher_cache.py).
+
+    A later ``distill`` of the same config with ``teacher_signals: OUT`` then trains without teacher forwards.
+    Returns meta.json plus the bytes stored per token.
+    """
+    import json
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from tadistill.data.batches import collate
+    from tadistill.training.teacher_cache import write_teacher_signals
+
+    tokenizer, teacher, t_arch = load_teacher([config])
+    lane = build_lane("student", config, RunDir(out), teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
+    splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
+                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
+    tok = TokenizerInfo.of(tokenizer)
+    total = len(splits.train) + len(splits.heldout)
+    with tqdm(total=total, desc="teacher signals", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
+        path = write_teacher_signals(
+            Path(out), teacher=teacher, arch=t_arch, sequences={"train": splits.train, "heldout": splits.heldout},
+            collate=lambda items: collate(items, pad_id=tok.pad_id, special_ids=tok.special_ids),
+            spec=lane_signal_spec(lane), meta=signal_meta(config, teacher.config),
+            batch_size=config.train.batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
+            progress=bar.update,
+        )
+    info = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    tokens = splits.train.num_tokens() + splits.heldout.num_tokens()
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    info["bytes_per_token"] = round(stored / max(tokens, 1), 1)
+    return info

@@ -330,6 +330,11 @@ class DistillConfig(_Strict):
     train: TrainConfig = TrainConfig()
     assistant: AssistantConfig = AssistantConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
+    teacher_signals: str | None = Field(
+        None,
+        description="Folder written by `tadistill cache-teacher` for this config: train from the stored teacher "
+        "outputs instead of running the teacher (top-k logits, hidden states, Q/K/V).",
+    )
 
     @model_validator(mode="after")
     def _unique_kinds(self) -> DistillConfig:
@@ -345,10 +350,25 @@ class DistillConfig(_Strict):
         if self.on_policy.adaptive and self.on_policy.replay_capacity < self.train.batch_size:
             raise ValueError(f"on_policy.replay_capacity={self.on_policy.replay_capacity} is below train.batch_size="
                              f"{self.train.batch_size}: raise it")
+        if self.teacher_signals:
+            self._check_offline_signals()
         if self.on_policy.samples and not (self.data.prompt_field or self.data.prompt_tokens):
             raise ValueError("on-policy sampling needs prompts: set data.prompt_tokens (e.g. 32) for plain text, or "
                              "data.prompt_field for prompt / completion records")
         return self
+
+    def _check_offline_signals(self) -> None:
+        """Stored teacher outputs cover the dataset text only, at temperature 1, top-k for logits."""
+        if self.on_policy.samples:
+            raise ValueError("teacher_signals cannot score sampled continuations: set on_policy fractions to 0 or "
+                             "drop teacher_signals")
+        unsupported = [o.kind for o in self.objectives if o.kind in ("output-kl", "mlm", "moment-matching")]
+        if unsupported:
+            raise ValueError(f"teacher_signals do not support {', '.join(unsupported)}: run with the live teacher")
+        logits = self.objective("logits")
+        if logits is not None and (logits.teacher_topk is None or logits.temperature != 1.0):
+            raise ValueError("teacher_signals store top-k log-probabilities at temperature 1: set "
+                             "objectives.logits.teacher_topk (e.g. 64) and objectives.logits.temperature=1")
 
     def objective(self, kind: str) -> _Objective | None:
         """The objective of this kind, or None."""

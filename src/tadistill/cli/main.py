@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild tables and plots of finished studies")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="study folders written by tadistill compare")
 
+    p = sub.add_parser("cache-teacher", help="run the teacher once and store what a recipe's objectives read",
+                       description="Store the teacher's signals for a config; then distill it with "
+                       "--set teacher_signals=DIR (no teacher forward).")
+    p.add_argument("recipe", nargs="?", help="recipe name; optional with --config")
+    p.add_argument("--config", help="YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="folder for the signals (must not exist)")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("teacher", help="tadistill's own small causal-LM teacher (builtin-gpt2)")
     teacher_sub = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     t = teacher_sub.add_parser("train", help="train the small GPT-2 teacher on the built-in corpus (cached)")
@@ -199,6 +208,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from tadistill.api import cache_teacher
+    from tadistill.resolve import resolve_config
+
+    config = resolve_config(args.recipe, config_file=args.config, overrides=args.overrides)
+    info = cache_teacher(config, out=args.out, progress=not args.no_progress)
+    print(f"teacher signals: {args.out}  ({info['sequences']} sequences, {info['bytes_per_token']} bytes/token; "
+          f"top-k {info['topk']}, hidden {info['hidden']}, Q/K/V blocks {info['qkv']})")
+    print(f"train from them: --set teacher_signals={args.out}")
+    return 0
+
+
 def cmd_teacher(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -220,6 +241,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 COMMANDS = {
     "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
     "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "teacher": cmd_teacher,
+    "cache-teacher": cmd_cache_teacher,
 }
 
 

@@ -40,6 +40,7 @@ from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, sa
 from tadistill.training.lane import Lane, check_shared
 from tadistill.training.sampling import SOURCES, draw_source, sample_continuations
 from tadistill.training.signals import Interrupted, StopSignals
+from tadistill.training.teacher_cache import TeacherSignals
 from tadistill.training.terms import ModelOutputs, merge_requests
 
 SAMPLED_BY = {"student": 1, "teacher": 2, "replay": 3}  # batch["sampled_by"]; dataset batches carry none
@@ -73,6 +74,7 @@ class MicroBatch:
     sequences: list[Tensor]
     prompt_lengths: list[int]
     variants: dict[bool, dict[str, Tensor]]  # masked-LM inputs or not -> batch on the device
+    indices: list[int]  # positions in the training set (offline teacher signals are stored by them)
 
 
 @dataclass
@@ -161,12 +163,14 @@ class Trainer:
         state_yaml: str,
         progress: bool = True,
         drop_failed_lanes: bool = False,
+        signals: TeacherSignals | None = None,
     ):
         check_shared(lanes)
         self.lanes, self.acc = lanes, accelerator
         self.cfg = lanes[0].config  # data and step structure are shared (check_shared)
-        if teacher is None and any(lane.needs_teacher for lane in lanes):
-            raise ValueError("Trainer: a lane needs the teacher but none was given")
+        if teacher is None and signals is None and any(lane.needs_teacher for lane in lanes):
+            raise ValueError("Trainer: a lane needs the teacher but neither a teacher nor its signals were given")
+        self.signals = signals  # stored teacher outputs (tadistill cache-teacher) replace teacher forwards
         # teacher None: teacher-free training (the LM loss only); no teacher forward ever runs.
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.teacher_arch = teacher_arch
@@ -210,7 +214,7 @@ class Trainer:
             prompts = [self.train_set.prompt_length(i) for i in indices]
             variants = {masked: self._batch(sequences, prompts, masked=masked, seed=_seed_for(tc.seed, "train", number))
                         for masked in self.variants}
-            out.append(MicroBatch(number, sequences, prompts, variants))
+            out.append(MicroBatch(number, sequences, prompts, variants, indices))
         return out
 
     def _lane_batch(self, lane: Lane, micro: MicroBatch, step: int) -> tuple[object, dict[str, Tensor]]:
@@ -250,8 +254,14 @@ class Trainer:
         batch["sampled_by"] = torch.tensor(SAMPLED_BY[source])  # AMMD tells on- from off-policy batches
         return (lane.name, source), batch
 
-    def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool) -> ModelOutputs:
-        """Teacher signals for one batch; tensors made under inference_mode are cloned (autograd may save them)."""
+    def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool,
+                         indices: tuple[str, list[int]] | None = None) -> ModelOutputs:
+        """Teacher signals for one batch; tensors made under inference_mode are cloned (autograd may save them).
+
+        With offline signals, ``indices`` = (split, sequence indices) selects the stored outputs instead.
+        """
+        if self.signals is not None:
+            return self.signals.outputs(*indices, batch)
         if self.teacher is None:
             return ModelOutputs(Captured())
         with torch.inference_mode(), self.acc.autocast():
@@ -292,7 +302,7 @@ class Trainer:
             prompts = [self.heldout.prompt_length(i) for i in indices]
             for masked in self.variants:
                 batch = self._batch(seqs, prompts, masked=masked, seed=_seed_for(tc.seed, "eval", start))
-                teacher = self._teacher_outputs(batch, t_cap, masked)
+                teacher = self._teacher_outputs(batch, t_cap, masked, ("heldout", list(indices)))
                 counts[masked] += _counts([batch], device)
                 for lane in lanes:
                     if lane.masked_inputs == masked:
@@ -373,7 +383,8 @@ class Trainer:
                 elif key in teachers:
                     teacher = teachers[key]
                 else:
-                    teacher = self._teacher_outputs(batch, t_cap, key if isinstance(key, bool) else False)
+                    teacher = self._teacher_outputs(batch, t_cap, key if isinstance(key, bool) else False,
+                                                    ("train", micros[i].indices))
                     if isinstance(key, bool):  # dataset batches are shared; a lane's own samples are not
                         teachers[key] = teacher
                 sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name],
