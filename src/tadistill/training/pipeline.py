@@ -86,11 +86,14 @@ def _copy_sentence_transformers_files(teacher_dir: Path, target: Path, hidden_si
             (target / module["path"] / "config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
 
-def save_student(student, tokenizer, target: Path, *, teacher_dir: Path) -> None:
-    """save_pretrained + tokenizer into a temporary folder, then rename: never a half-written student."""
+def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained + tokenizer into a temporary folder, then rename: never a half-written student.
+
+    ``state_dict``: the full weights when the live module holds only a shard (FSDP, DeepSpeed ZeRO-3).
+    """
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
+    student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _copy_sentence_transformers_files(teacher_dir, tmp, student.config.hidden_size)
     if target.exists():
@@ -106,11 +109,15 @@ def finish_lane(
 
     ``teacher`` may be None (teacher-free training, the teacher was dropped): pass ``teacher_parameters``.
     """
+    # Every process takes part in gathering the full weights (sharded under FSDP / ZeRO-3); the main one saves.
+    full = accelerator.get_state_dict(lane.model)
     if not accelerator.is_main_process:
         return {}
     config, run = lane.config, lane.run
     final = accelerator.unwrap_model(lane.model).student
-    save_student(final, tokenizer, run.student, teacher_dir=Path(resolve_model_path(config.teacher)))
+    weights = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+    save_student(final, tokenizer, run.student, teacher_dir=Path(resolve_model_path(config.teacher)),
+                 state_dict=weights)
     evals = [r for r in run.read_metrics() if "eval/loss" in r]
     s_arch, t_arch = lane.student_arch, teacher_arch
     summary = {
