@@ -46,3 +46,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(recipe, tiny_args, t
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed-zero2"])
+def test_shipped_accelerate_configs_load(name):
+    """The configs parse with Accelerate's own loader (unknown keys would raise) and name their engine."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED"}[name]
+    assert str(config.distributed_type).endswith(expected) and config.mixed_precision == "bf16"
