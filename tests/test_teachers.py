@@ -75,9 +75,22 @@ def test_student_with_a_different_tokenizer_is_refused(tiny_args, tmp_path, caps
     assert "differs from the teacher's" in capsys.readouterr().err
 
 
-def test_bf16_autocast_path_runs(tiny_args, tmp_path):
+@pytest.mark.parametrize("recipe", ["minilmv2", "hs", "distilbert"])
+def test_bf16_autocast_path_runs(recipe, tiny_args, tmp_path):
+    """train.precision=bf16: autocast for the student, a bf16 teacher; every term mixes the two dtypes."""
     out = tmp_path / "run"
-    assert main(["distill", "minilmv2", *tiny_args("objectives.minilmv2.relation_heads=4", "train.precision=bf16"),
-                 "--out", str(out), "--no-progress"]) == 0
+    extra = ["objectives.minilmv2.relation_heads=4"] if recipe == "minilmv2" else []
+    assert main(["distill", recipe, *tiny_args(*extra, "train.precision=bf16"), "--out", str(out),
+                 "--no-progress"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["loss"] < 100 for r in rows if "loss" in r)
+
+
+def test_bf16_causal_terms_run(tiny_gpt2, tiny_corpus, tmp_path):
+    sets = [f"teacher={tiny_gpt2}", f"data.source={tiny_corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_length=24", "train.steps=2", "train.batch_size=4", "student.num_layers=2",
+            "train.precision=bf16", "data.prompt_tokens=6", "on_policy.fraction=0.5"]
+    out = tmp_path / "run"
+    assert main(["distill", "gkd", *[a for s in sets for a in ("--set", s)], "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["loss"] < 100 for r in rows if "loss" in r)

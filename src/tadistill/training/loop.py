@@ -186,7 +186,12 @@ class Trainer:
         self.teacher_head = any(lane.distiller.needs_causal_head and lane.needs_teacher for lane in lanes)
         self.teacher_request = merge_requests([lane.teacher_request for lane in lanes])
         if self.teacher is not None:
-            self.teacher.to(accelerator.device)
+            # The teacher is never trained: under bf16 it is stored in bf16 too (half the memory, no casts in its
+            # forward). fp16 weights are only used on GPUs, where fp16 kernels exist for every op.
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
+            if dtype is torch.float16 and accelerator.device.type != "cuda":
+                dtype = None
+            self.teacher.to(accelerator.device, dtype=dtype)
         for lane in lanes:
             optimizer, scheduler = lane.optimizer_and_schedule()
             lane.model, lane.optimizer = accelerator.prepare(lane.distiller, optimizer)
