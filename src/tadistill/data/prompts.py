@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tadistill.data.sources import BUILTIN, _short, data_files
+from tadistill.data.sources import BUILTIN, _short, data_files, jsonl_records
 from tadistill.data.tokenized import (
     _TOKENIZE_BATCH,
     CorpusSplits,
@@ -241,25 +240,15 @@ def _missing(where: str, field: str, fields: tuple[str, str], present: list[str]
 
 def _read_jsonl(path: Path, fields: tuple[str, str]) -> list[tuple[Any, Any]]:
     pairs: list[tuple[Any, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
+    for number, record in jsonl_records(path, what="prompt data"):
+        for field in fields:
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                key = "data.prompt_field" if field == fields[0] else "data.completion_field"
                 raise DataError(
-                    f"prompt data file '{path}' line {number} is not valid JSON ({exc.msg}): "
-                    "write one JSON object per line"
-                ) from exc
-            for field in fields:
-                if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    key = "data.prompt_field" if field == fields[0] else "data.completion_field"
-                    raise DataError(
-                        f"prompt data file '{path}' line {number} has no string field {field!r}: "
-                        f"give every line that field or set {key} to the right key"
-                    )
-            pairs.append((record[fields[0]], record[fields[1]]))
+                    f"prompt data file '{path}' line {number} has no string field {field!r}: "
+                    f"give every line that field or set {key} to the right key"
+                )
+        pairs.append((record[fields[0]], record[fields[1]]))
     return pairs
 
 

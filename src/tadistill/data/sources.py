@@ -20,7 +20,9 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tadistill.data.builtin import BUILTIN_CORPUS_VERSION, builtin_texts
 from tadistill.errors import DataError
@@ -143,25 +145,29 @@ def _read_file(path: Path, text_field: str) -> list[str]:
         ) from exc
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    texts: list[str] = []
+def jsonl_records(path: Path, *, what: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON value) of every non-blank line; DataError naming the line on invalid JSON."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"corpus file '{path}' line {number} is not valid JSON ({exc.msg}): "
-                    "write one JSON object per line"
+                    f"{what} file '{path}' line {number} is not valid JSON ({exc.msg}): write one JSON object per line"
                 ) from exc
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise DataError(
-                    f"corpus file '{path}' line {number} has no string field {text_field!r}: "
-                    "give every line that field or set the text field to the right key"
-                )
-            texts.append(record[text_field])
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts: list[str] = []
+    for number, record in jsonl_records(path, what="corpus"):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(
+                f"corpus file '{path}' line {number} has no string field {text_field!r}: "
+                "give every line that field or set the text field to the right key"
+            )
+        texts.append(record[text_field])
     return texts
 
 
