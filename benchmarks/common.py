@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -91,7 +91,7 @@ class Stopwatch:
     block, the load that a timing on a shared machine cannot see otherwise (None where /proc is missing).
     """
 
-    def __enter__(self) -> Stopwatch:
+    def __enter__(self) -> Self:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         self._busy, self._own = _machine_busy_seconds(), _own_cpu_seconds()
         return self

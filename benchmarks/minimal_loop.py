@@ -118,7 +118,9 @@ class MinimalLoop:
                  betas: tuple[float, float], eps: float, max_grad_norm: float | None, steps: int, warmup: int,
                  precision: str, device: torch.device):
         self.objective, self.device = objective, device
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        # Under bf16 (fp16 on GPUs) the frozen teacher is stored in that dtype, as tadistill's Trainer does.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else None}.get(precision)
+        self.teacher = teacher.to(device, dtype=dtype).eval().requires_grad_(False)
         self.student = student.to(device).train()
         self.max_grad_norm = max_grad_norm
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"

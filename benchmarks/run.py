@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +33,19 @@ else:  # python benchmarks/run.py: benchmarks/ is on sys.path
 
 BENCHMARKS = {module.NAME: module for module in (minimal_loop, shared_teacher, chunked_memory)}
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def source_version() -> str | None:
+    """The commit of the measured tadistill (read-only git calls), flagged when src/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        # diff --quiet exits 1 when src/ differs from HEAD.
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=root, check=False).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (an installed copy)
+    return head + (" with uncommitted changes in src/" if changed else "")
 
 
 def _ratio_text(figure: Figure) -> str:
@@ -55,10 +69,11 @@ def markdown(figures: list[Figure], errors: dict[str, str], info: dict, seconds:
     lines = [
         "# tadistill benchmarks",
         "",
-        f"Measured {info['date']} on {info['machine']} ({info['cpu_cores']} cores, {info['torch_threads']} torch "
-        f"threads{', ' + info['gpu'] if info.get('gpu') else ''}), torch {info['torch']}, transformers "
-        f"{info.get('transformers', '?')}; load average {info['load_average']} at the start, "
-        f"{info['load_average_end']} at the end. Command: `{info['command']}`.",
+        (f"Measured {info['date']} on {info['machine']} ({info['cpu_cores']} cores, {info['torch_threads']} torch "
+         f"threads{', ' + info['gpu'] if info.get('gpu') else ''}), torch {info['torch']}, transformers "
+         f"{info.get('transformers', '?')}; load average {info['load_average']} at the start, "
+         f"{info['load_average_end']} at the end; tadistill {info['tadistill'] or '(version unknown)'}. "
+         f"Command: `{info['command']}`."),
         "",
         "| benchmark | figure | ratio | target | met | measured |",
         "|---|---|---:|---|---|---|",
@@ -86,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=200)
     info = machine()
     info["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    info["tadistill"] = source_version()
     info["command"] = " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     console.print(f"[bold]tadistill benchmarks[/bold] on {info['machine']}, {info['cpu_cores']} cores, torch "
                   f"{info['torch']}{', ' + info['gpu'] if info.get('gpu') else ''}; load {info['load_average']}")
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         try:
             figures += BENCHMARKS[name].run(rest, quick=args.quick)
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
             errors[name] = f"{type(exc).__name__}: {exc}"
         seconds[name] = time.perf_counter() - began
