@@ -72,3 +72,9 @@ def test_apply_override_does_not_mutate_its_input():
     data = {"train": {"steps": 1}}
     out = apply_override(data, "train.steps=5")
     assert data["train"]["steps"] == 1 and out["train"]["steps"] == 5
+
+
+def test_precision_no_survives_yaml():
+    from tadistill.resolve import resolve_config
+
+    assert resolve_config("hs", overrides=["train.precision=no"]).train.precision == "no"

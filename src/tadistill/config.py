@@ -256,6 +256,12 @@ class TrainConfig(_Strict):
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables.")
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads a bare `no` (--set train.precision=no) as False.
+        return "no" if value is False else value
     eval_every: int = Field(200, ge=0, description="Held-out evaluation every N steps (0: start and end only).")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
     save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only at the end).")
