@@ -7,8 +7,8 @@ tokens.
 
 Masking: a key is blocked when it is padding, or (``causal=True``, decoders) when it lies after the
 query. Blocked keys get -inf (relation_kl: float32 min, see _key_bias) before a softmax. Padded query rows
-are dropped from the sum; their logits
-are replaced by zeros first so that an all-padded sequence cannot make NaN values or gradients.
+are dropped from the sum; their logits are replaced by zeros first (relation_kl: their inputs) so that an
+all-padded sequence cannot make NaN values or gradients.
 
 Memory: scores and relations are (B, H, T, T) float32. The score functions (attention_kl,
 attention_score_mse) make one float32 copy per model, fill it in place, keep the student's log-softmax for
