@@ -9,7 +9,7 @@ KL, every position distilled.
   ``tadistill.objectives.logits.logit_divergence`` and backward;
 * chunked: ``tadistill.objectives.chunked.chunked_logit_divergence`` with the teacher logits produced per
   chunk from its hidden states (as tadistill's ``logits`` term does), then backward; one run per chunk
-  size, the library default (1,024) included.
+  size: the library default (2^24 / V rows, 130 at V = 128,256), the former fixed default 1,024 and 256.
 
 How memory is measured: every variant runs in a fresh Python process, after the weights and hidden
 states exist. On CUDA the figure is ``torch.cuda.max_memory_allocated`` minus what was allocated before
@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from tadistill.objectives.chunked import default_chunk_size
+
 if __package__:  # imported as benchmarks.chunked_memory
     from .common import Figure, pick_device
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
@@ -50,7 +52,6 @@ HOW = ("Each variant runs in a fresh process. CUDA: torch.cuda.max_memory_alloca
        "every allocation over 1 MiB by mmap so that freed tensors leave the resident set at once. Both count the "
        "output layer's weight gradient, which both variants produce.")
 TARGET = 1 / 8
-DEFAULT_CHUNK = 1024  # chunked_logit_divergence's default and the logits objective's chunk_size
 MMAP_THRESHOLD = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -181,7 +182,7 @@ def figures(results: list[dict], opts: argparse.Namespace) -> list[Figure]:
     out = []
     for r in results[1:]:
         tol = 1e-4 if opts.dtype == "float32" else 2e-2
-        default = " (library default)" if r["chunk"] == DEFAULT_CHUNK else ""
+        default = " (library default)" if r["chunk"] == default_chunk_size(opts.vocab) else ""
         grad_diff = max(r["hidden_grad_rel_diff"], r["weight_grad_rows_rel_diff"])
         agree = max(r["loss_rel_diff"], grad_diff) <= tol
         out.append(Figure(
@@ -206,7 +207,8 @@ def parse(argv: list[str] | None = None, *, quick: bool = False) -> argparse.Nam
     p.add_argument("--positions", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--chunks", type=int, nargs="+", default=None,
-                   help=f"chunk sizes to measure (default {DEFAULT_CHUNK} 256 128; quick {DEFAULT_CHUNK} 128)")
+                   help="chunk sizes to measure (default: the library's default for --vocab, 1024 and 256; quick: "
+                        "the library's default and 1024)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--child", choices=("plain", "chunked"), help=argparse.SUPPRESS)
@@ -215,7 +217,9 @@ def parse(argv: list[str] | None = None, *, quick: bool = False) -> argparse.Nam
     opts = p.parse_args(argv)
     opts.quick = opts.quick or quick
     if opts.chunks is None:
-        opts.chunks = [DEFAULT_CHUNK, 128] if opts.quick else [DEFAULT_CHUNK, 256, 128]
+        # The logits objective's default (2^24 / vocab rows: 130 at 128k) and the old fixed default of 1024.
+        library = default_chunk_size(opts.vocab)
+        opts.chunks = [library, 1024] if opts.quick else list(dict.fromkeys([library, 1024, 256]))
     opts.device = str(pick_device(opts.device))
     return opts
 

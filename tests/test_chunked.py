@@ -230,3 +230,26 @@ def test_errors():
         chunked_logit_divergence(hidden, head, teacher, mask, kind="forward_kl")
     with pytest.raises(ValueError, match="teacher logits for rows"):
         chunked_logit_divergence(hidden, head, lambda rows: teacher[0], mask, chunk_size=4, kind="jsd")
+
+
+def test_default_chunk_size_scales_with_the_vocabulary():
+    from tadistill import config as C
+    from tadistill.objectives.chunked import CHUNK_ELEMENTS, default_chunk_size
+    from tadistill.training.terms import CausalLMTerm, LogitDivergenceTerm
+
+    assert default_chunk_size(128_256) == 130 and default_chunk_size(50_257) == 333
+    assert default_chunk_size(4_096) == 4_096 and default_chunk_size(None) == 1024
+    assert default_chunk_size(CHUNK_ELEMENTS * 2) == 1  # never 0 rows
+    small, large = _arch(vocab=32_000), _arch(vocab=128_256)
+    # The larger of the two vocabularies sets the chunk (both output layers run on the same rows).
+    assert LogitDivergenceTerm(C.LogitDivergence(), small, large).chunk_size == 130
+    assert LogitDivergenceTerm(C.LogitDivergence(chunk_size=7), small, large).chunk_size == 7
+    assert CausalLMTerm(C.CausalLM(), small, large).chunk_size == CHUNK_ELEMENTS // 32_000
+
+
+def _arch(vocab: int):
+    from tadistill.capture.architectures import Architecture
+
+    return Architecture(family="gpt2", layers="h", query=None, key=None, value=None, fused_qkv="attn.c_attn",
+                        attention_output=None, final_norm=None, num_layers=2, hidden_size=8, num_heads=2,
+                        num_kv_heads=2, head_dim=4, causal=True, vocab_size=vocab)

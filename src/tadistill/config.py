@@ -175,14 +175,20 @@ class LogitDivergence(_Objective):
     teacher_topk: int | None = Field(
         None, ge=1, description="Keep only the teacher's k most likely tokens plus one bucket for the rest."
     )
-    chunk_size: int = Field(1024, ge=1, description="Positions per chunk; peak memory grows as chunk_size x vocab.")
+    chunk_size: int | None = Field(
+        None, ge=1, description="Positions per chunk (peak memory grows as chunk_size x vocab); default: "
+        "2^24 / vocab, a 64 MiB float32 chunk of logits."
+    )
 
 
 class CausalLM(_Objective):
     """The hard next-token cross-entropy on the corpus (teacher-free distillation, or mixed into KD)."""
 
     kind: Literal["lm"] = "lm"
-    chunk_size: int = Field(1024, ge=1, description="Positions per chunk; peak memory grows as chunk_size x vocab.")
+    chunk_size: int | None = Field(
+        None, ge=1, description="Positions per chunk (peak memory grows as chunk_size x vocab); default: "
+        "2^24 / vocab, a 64 MiB float32 chunk of logits."
+    )
 
 
 class MomentMatching(_Objective):
@@ -271,6 +277,10 @@ class TrainConfig(_Strict):
     stop_at: int | None = Field(
         None, ge=1, description="Stop after this step with a checkpoint (split a run into jobs; continue with --resume)."
     )
+    compile: bool = Field(
+        False, description="torch.compile the student's and the teacher's forward passes: the first steps compile "
+        "(seconds to minutes), later ones may run faster; measure with benchmarks/run.py --only compile_effect."
+    )
 
 
 class OnPolicyConfig(_Strict):
@@ -358,6 +368,9 @@ class DistillConfig(_Strict):
                              f"{self.train.batch_size}: raise it")
         if self.teacher_signals:
             self._check_offline_signals()
+        if self.train.compile and (self.on_policy.samples or self.on_policy.adaptive):
+            raise ValueError("train.compile does not cover on-policy sampling (its KV-cache steps change shape "
+                             "every token): set train.compile=false or the on_policy fractions to 0")
         if self.on_policy.samples and not (self.data.prompt_field or self.data.prompt_tokens):
             raise ValueError("on-policy sampling needs prompts: set data.prompt_tokens (e.g. 32) for plain text, or "
                              "data.prompt_field for prompt / completion records")
@@ -382,4 +395,4 @@ class DistillConfig(_Strict):
 
 
 # Fields that may change between a run and its --resume without changing the run.
-RESUMABLE_FIELDS = {("train", "stop_at")}
+RESUMABLE_FIELDS = {("train", "stop_at"), ("train", "compile")}

@@ -32,6 +32,24 @@ from tadistill.objectives.divergence import check_mask
 from tadistill.objectives.logits import check_divergence_options, logit_divergence_rows
 
 
+CHUNK_ELEMENTS = 2**24  # logits per chunk by default: 64 MiB in float32, whatever the vocabulary
+
+
+def default_chunk_size(vocab_size: int | None) -> int:
+    """Rows per chunk such that one chunk of logits holds about CHUNK_ELEMENTS values.
+
+    A fixed row count would not do: 1,024 rows are 200 MiB of float32 logits at GPT-2's 50k vocabulary but
+    0.5 GiB at Llama 3's 128k, with as much again for each softmax and gradient alive at once. 2^24 values
+    gives 130 rows at 128k (peak memory 0.07 of the plain divergence at 2,048 positions,
+    benchmarks/chunked_memory.py), 333 at 50k and 4,096 at 4k. Fewer rows cost time: each chunk reads the
+    whole (d, V) output layer for a (rows, d) x (d, V) product, so with memory to spare on a GPU a larger
+    ``chunk_size`` (500 to 2,000 rows) keeps it busier. Unknown vocabulary: 1,024 rows.
+    """
+    if not vocab_size:
+        return 1024
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
 def chunked_logit_divergence(
     student_hidden: Tensor,
     output_layer: nn.Module | Callable[[Tensor], Tensor],

@@ -22,7 +22,7 @@ from tadistill.capture.architectures import Architecture
 from tadistill.capture.attention import attention_logits
 from tadistill.capture.hooks import Captured, CaptureRequest
 from tadistill.errors import ConfigError
-from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence
+from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence, default_chunk_size
 from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
 from tadistill.objectives.layer_maps import layer_map
@@ -129,6 +129,11 @@ class LogitDivergenceTerm(Term):
     normalizer = "targets"
     needs_causal_head = True
 
+    def __init__(self, cfg: C.LogitDivergence, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        vocab = max(student.vocab_size or 0, teacher.vocab_size or 0)
+        self.chunk_size = cfg.chunk_size or default_chunk_size(vocab)
+
     def forward(self, student, teacher, batch):
         mask = batch["labels"] != -100  # (B, T)
         teacher_rows = teacher.last_hidden[mask]  # (N, d_T): small next to (N, V)
@@ -136,7 +141,7 @@ class LogitDivergenceTerm(Term):
         c = self.cfg
         return chunked_logit_divergence(
             student.last_hidden, student.output_layer, lambda rows: teacher_head(teacher_rows[rows]), mask,
-            chunk_size=c.chunk_size, kind=c.divergence, temperature=c.temperature, beta=c.beta, alpha=c.alpha,
+            chunk_size=self.chunk_size, kind=c.divergence, temperature=c.temperature, beta=c.beta, alpha=c.alpha,
             teacher_topk=c.teacher_topk,
         )
 
@@ -148,9 +153,13 @@ class CausalLMTerm(Term):
     needs_causal_head = True
     needs_teacher = False
 
+    def __init__(self, cfg: C.CausalLM, student: Architecture, teacher: Architecture):
+        super().__init__(cfg, student, teacher)
+        self.chunk_size = cfg.chunk_size or default_chunk_size(student.vocab_size)
+
     def forward(self, student, teacher, batch):
         return chunked_cross_entropy(student.last_hidden, student.output_layer, batch["labels"],
-                                     chunk_size=self.cfg.chunk_size)
+                                     chunk_size=self.chunk_size)
 
 
 class HiddenStatesTerm(Term):
