@@ -95,3 +95,32 @@ def test_minilm_teacher_assistant_chain(tiny_args, tmp_path):
     assert (student["num_hidden_layers"], student["hidden_size"]) == (2, 16)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher"].endswith("assistant/student")
+
+
+def test_compile_gives_the_eager_run(tiny_args, tiny_teacher_no_dropout, tmp_path):
+    """train.compile=true: the same losses and weights as eager (to float tolerance), plain checkpoint names."""
+    from transformers import AutoModel
+
+    base = ["distill", "minilmv2", *tiny_args("train.steps=2", "train.eval_every=0", "objectives.minilmv2.relation_heads=4",
+                                              teacher=tiny_teacher_no_dropout), "--no-progress"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main([*base, "--out", str(eager)]) == 0
+    assert main([*base, "--set", "train.compile=true", "--out", str(compiled)]) == 0
+    la, lb = _losses(eager), _losses(compiled)
+    assert sorted(la) == sorted(lb) == [1, 2]
+    for step in la:
+        assert abs(la[step] - lb[step]) < 1e-4 * max(1.0, abs(la[step])), (step, la[step], lb[step])
+    wa, wb = _weights(eager), _weights(compiled)
+    assert wa.keys() == wb.keys()  # nn.Module.compile keeps the parameter names: no "_orig_mod." prefix
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    AutoModel.from_pretrained(compiled / "student")
+
+
+def test_compile_refuses_on_policy_sampling():
+    import pytest
+
+    from tadistill.config import DistillConfig
+
+    with pytest.raises(ValueError, match="train.compile does not cover on-policy sampling"):
+        DistillConfig.model_validate({"objectives": [{"kind": "logits"}], "train": {"compile": True},
+                                      "on_policy": {"fraction": 0.5}, "data": {"prompt_tokens": 8}})

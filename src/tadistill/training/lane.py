@@ -34,30 +34,43 @@ CAUSAL_LM_KINDS = ("logits", "lm", "moment-matching")
 
 # Settings every lane of one pass must share: they define the batches and the step count.
 SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every", "eval_batches", "save_every",
-                       "log_every", "stop_at", "precision", "keep_checkpoints")
+                       "log_every", "stop_at", "precision", "keep_checkpoints", "compile")
 
 
 class Distiller(nn.Module):
     """Student + loss terms in one module, so that one DDP / FSDP wrapper covers every trained weight."""
 
-    def __init__(self, student: nn.Module, terms: list[Term]):
+    def __init__(self, student: nn.Module, terms: list[Term], *, causal: bool = False):
         super().__init__()
         self.student = student
         self.terms = nn.ModuleList(terms)
+        self.causal = causal
         self.needs_logits = any(t.needs_logits for t in terms)
         self.needs_causal_head = any(t.needs_causal_head for t in terms)
 
     def forward(self, inputs: dict[str, Tensor], batch: dict[str, Tensor], teacher: ModelOutputs, captured: Captured):
-        if self.needs_causal_head:
-            # Causal LMs: the base model's last hidden states; the chunked losses apply the output layer
-            # a few rows at a time, so the (B, T, V) logits are never built.
+        if self.causal:
+            # Causal LMs: the base model's last hidden states only. The chunked losses apply the output layer
+            # a few rows at a time, so the (B, T, V) logits are never built, and hidden-state / relation
+            # objectives never pay for them.
             parts = causal_lm_parts(self.student)
             hidden = parts.base(**inputs).last_hidden_state  # (B, T, d)
-            student = ModelOutputs(captured, None, hidden, parts.output_layer)
+            student = ModelOutputs(captured, None, hidden, parts.output_layer if self.needs_causal_head else None)
         else:
             out = self.student(**inputs)
             student = ModelOutputs(captured, out.logits if self.needs_logits else None)
         return torch.stack([term(student, teacher, batch).float() for term in self.terms])  # (n_terms,) sums
+
+
+def compile_forward(model: nn.Module) -> None:
+    """torch.compile, in place, the module whose forward the loop calls (causal LMs: the base model).
+
+    ``nn.Module.compile`` keeps parameter names, so checkpoints and ``save_pretrained`` are unchanged. The
+    capture hooks live on submodules and are traced into the graph; a different capture request (for
+    example in evaluation) recompiles.
+    """
+    target = causal_lm_parts(model).base if resolve_architecture(model).causal else model
+    target.compile()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -175,7 +188,8 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
     student = build_student_from_spec(config, teacher, tokenizer, head=head)
     student_arch = resolve_architecture(student)
     terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in active]
-    lane = Lane(name, config, run, student, student_arch, terms, Distiller(student, terms))
+    lane = Lane(name, config, run, student, student_arch, terms,
+                Distiller(student, terms, causal=student_arch.causal))
     op = config.on_policy
     if op.adaptive:
         lane.adaptive = AdaptiveOffPolicy(total_steps=config.train.steps, capacity=op.replay_capacity,

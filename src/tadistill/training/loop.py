@@ -37,7 +37,7 @@ from tadistill.data.masking import mask_tokens
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tadistill.training.lane import Lane, check_shared
+from tadistill.training.lane import Lane, check_shared, compile_forward
 from tadistill.training.sampling import SOURCES, draw_source, sample_continuations
 from tadistill.training.signals import Interrupted, StopSignals
 from tadistill.training.teacher_cache import TeacherSignals
@@ -192,7 +192,11 @@ class Trainer:
             if dtype is torch.float16 and accelerator.device.type != "cuda":
                 dtype = None
             self.teacher.to(accelerator.device, dtype=dtype)
+            if self.cfg.train.compile:
+                compile_forward(self.teacher)
         for lane in lanes:
+            if self.cfg.train.compile:
+                compile_forward(lane.student)
             optimizer, scheduler = lane.optimizer_and_schedule()
             lane.model, lane.optimizer = accelerator.prepare(lane.distiller, optimizer)
             # The schedule is stepped once per optimizer step by us (a prepared scheduler would step
