@@ -1,6 +1,6 @@
 """Run tadistill's benchmarks and print one table of ratios, each against its target.
 
-    python benchmarks/run.py                         # all three (about 6-8 minutes on a 2-core CPU)
+    python benchmarks/run.py                         # all of them (about 20 minutes on a 2-core CPU)
     python benchmarks/run.py --quick                 # fewer steps and variants (a smoke run)
     python benchmarks/run.py --only chunked_memory   # one benchmark; its own flags may follow:
     python benchmarks/run.py --only minimal_loop --batch-size 32 --steps 50
@@ -23,15 +23,18 @@ from rich.console import Console
 from rich.table import Table
 
 if __package__:  # imported as benchmarks.run
-    from . import chunked_memory, minimal_loop, shared_teacher
+    from . import chunked_memory, compile_effect, minimal_loop, peers_textbrewer, shared_teacher
     from .common import Figure, machine, quiet_transformers
 else:  # python benchmarks/run.py: benchmarks/ is on sys.path
     import chunked_memory
+    import compile_effect
     import minimal_loop
+    import peers_textbrewer
     import shared_teacher
     from common import Figure, machine, quiet_transformers
 
-BENCHMARKS = {module.NAME: module for module in (minimal_loop, shared_teacher, chunked_memory)}
+BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, shared_teacher, chunked_memory,
+                                                 compile_effect)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -70,6 +70,10 @@ def compile_forward(model: nn.Module) -> None:
     example in evaluation) recompiles.
     """
     target = causal_lm_parts(model).base if resolve_architecture(model).causal else model
+    # Models of one architecture share one forward function, compiled once per variant: grad mode
+    # (training, no_grad evaluation, the teacher's inference_mode) x shapes x models. A study of several
+    # students exceeds dynamo's default of 8 and would fall back to eager silently.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     target.compile()
 
 
