@@ -309,6 +309,45 @@ def test_cache_is_written_reused_and_keyed(bert_tokenizer, tmp_path, monkeypatch
     assert len(names) == 3 and all(n.endswith(".pt") for n in names)  # no temporary files left
 
 
+def _assert_same_splits(a, b) -> None:
+    for name in ("train", "heldout"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x.ids, y.ids) and torch.equal(x.offsets, y.offsets)
+        assert (x.prompt_lengths is None) == (y.prompt_lengths is None)
+        assert x.prompt_lengths is None or torch.equal(x.prompt_lengths, y.prompt_lengths)
+    assert a.heldout_texts == b.heldout_texts
+
+
+@pytest.mark.parametrize("prompt_tokens", [None, 5])
+def test_warm_cache_reads_no_corpus(bert_tokenizer, tmp_path, monkeypatch: pytest.MonkeyPatch, prompt_tokens) -> None:
+    from tadistill.config import DataConfig
+    from tadistill.data import prepare
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(_random_texts(300)), encoding="utf-8")
+    dc = DataConfig(source=[str(corpus), "builtin"], max_texts=250, max_length=24, heldout_fraction=0.1,
+                    prompt_tokens=prompt_tokens, cache_dir=str(tmp_path / "cache"))
+    loads = []
+    real_load = prepare.load_texts
+    monkeypatch.setattr(prepare, "load_texts", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    cold = prepare.prepare_corpus(dc, bert_tokenizer, seed=3)
+    assert loads == [str(corpus), "builtin"]
+    assert len(cold.train) > 50 and len(cold.heldout_texts) > 10
+    assert any(t.startswith("w") for t in cold.heldout_texts) and not all(t.startswith("w") for t in cold.heldout_texts)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the corpus")
+
+    monkeypatch.setattr(prepare, "load_texts", refuse)
+    _assert_same_splits(prepare.prepare_corpus(dc, bert_tokenizer, seed=3), cold)
+    # A changed file changes the fingerprint: the corpus is read again, and the result follows it.
+    corpus.write_text("\n\n".join(_random_texts(300, seed=1)), encoding="utf-8")
+    with pytest.raises(AssertionError, match="must not load"):
+        prepare.prepare_corpus(dc, bert_tokenizer, seed=3)
+    monkeypatch.setattr(prepare, "load_texts", real_load)
+    assert prepare.prepare_corpus(dc, bert_tokenizer, seed=3).heldout_texts != cold.heldout_texts
+
+
 def test_corrupt_cache_is_rebuilt(bert_tokenizer, tmp_path) -> None:
     texts = _random_texts(50)
     first = tokenize_corpus(texts, bert_tokenizer, max_length=24, cache_dir=tmp_path, fingerprint="f")

@@ -16,7 +16,13 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT
 from tadistill.capture import CaptureRequest, capture, resolve_architecture
 from tadistill.errors import ConfigError
 from tadistill.evaluation import fidelity as fidelity_module
-from tadistill.evaluation.fidelity import default_relation_heads, embedding_cosine, fidelity
+from tadistill.evaluation.fidelity import (
+    TeacherEmbeddings,
+    default_relation_heads,
+    embedding_cosine,
+    fidelity,
+    sentence_embeddings,
+)
 from tadistill.evaluation.metrics import linear_cka
 from tadistill.objectives.attention import relation_kl
 
@@ -141,6 +147,68 @@ def test_narrower_student_without_head(teacher, tokenizer) -> None:
     assert other["relation_kl"] != pytest.approx(result["relation_kl"])
     with pytest.raises(ConfigError, match="relation_heads=3"):
         fidelity(teacher, student, tokenizer, HELDOUT, relation_heads=3)
+
+
+def count_forwards(model) -> list[int]:
+    """A one-element list that counts ``model``'s forward calls (the hook stays: tests use fresh models)."""
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_sentence_embeddings_are_in_text_order_and_equal_unpadded_ones(tokenizer) -> None:
+    model = bert(tokenizer, head=False).train()
+    texts = [HELDOUT[0], UNIQUE[0], HELDOUT[5] + " " + HELDOUT[6], UNIQUE[3], HELDOUT[2]] * 3  # lengths vary
+    got = sentence_embeddings(model, tokenizer, texts, max_length=40, batch_size=4)
+    assert got.shape == (len(texts), 32) and not got.requires_grad and model.training  # mode restored
+    model.eval()
+    with torch.no_grad():  # one text at a time: no padding, the reference
+        for text, row in zip(texts, got):
+            ids = torch.tensor([tokenizer(text, truncation=True, max_length=40)["input_ids"]])
+            torch.testing.assert_close(row, model(input_ids=ids).last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+
+def test_reused_teacher_embeddings_give_exactly_the_same_cosine(tokenizer) -> None:
+    teacher = bert(tokenizer, seed=0, head=False)
+    students = [bert(tokenizer, layers=2, seed=s, head=False) for s in (1, 2)]
+    options = {"max_length": 24, "batch_size": 5}  # several batches, truncation
+
+    def old_path(student):  # embedding_cosine as it was: both sides computed, then compared
+        a = sentence_embeddings(teacher, tokenizer, HELDOUT, **options)
+        b = sentence_embeddings(student, tokenizer, HELDOUT, **options)
+        return float(F.cosine_similarity(a, b, dim=-1).mean())
+
+    want = [old_path(student) for student in students]
+    assert 0.0 < abs(want[0] - want[1])  # two different students, two different values
+    calls = count_forwards(teacher)
+    cache = TeacherEmbeddings(tokenizer, HELDOUT)
+    got = [cache.cosine(teacher, student, **options) for student in students + students]
+    assert got == want + want  # bit-identical, not approximately equal
+    assert calls[0] == 5  # ceil(24 / 5) teacher batches, once for four cosines
+    given = sentence_embeddings(teacher, tokenizer, HELDOUT, **options)
+    calls[0] = 0
+    assert embedding_cosine(teacher, students[0], tokenizer, HELDOUT, teacher_embeddings=given, **options) == want[0]
+    assert calls[0] == 0
+    # Other options, or a teacher moved to another dtype (the trainer's bf16 teacher), are computed afresh.
+    assert cache.cosine(teacher, students[0], max_length=16, batch_size=5) != want[0]
+    assert calls[0] == 5
+    teacher.to(torch.float64)
+    assert cache.cosine(teacher, students[0], **options) == pytest.approx(want[0], abs=1e-5)
+    assert calls[0] == 10
+
+
+def test_width_mismatch_returns_none_without_running_either_model(tokenizer) -> None:
+    teacher, student = bert(tokenizer, head=False), bert(tokenizer, layers=2, hidden=16, heads=2, seed=3, head=False)
+    calls_t, calls_s = count_forwards(teacher), count_forwards(student)
+    assert embedding_cosine(teacher, student, tokenizer, HELDOUT) is None
+    assert TeacherEmbeddings(tokenizer, HELDOUT).cosine(teacher, student) is None
+    given = torch.zeros(len(HELDOUT), 32)  # the teacher's width, precomputed
+    assert embedding_cosine(teacher, student, tokenizer, HELDOUT, teacher_embeddings=given) is None
+    assert calls_t == [0] and calls_s == [0]
+    # Equal widths do run both (the hooks count).
+    assert embedding_cosine(teacher, bert(tokenizer, layers=2, seed=3, head=False), tokenizer, HELDOUT) is not None
+    assert calls_t == [1] and calls_s == [0]
 
 
 def test_overlap_needs_more_texts_than_k_and_deeper_student_fails(teacher, tokenizer) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tadistill.errors import ConfigError
-from tadistill.objectives.logits import KINDS, logit_divergence, token_divergence
+from tadistill.objectives.logits import KINDS, logit_divergence, logit_divergence_rows, token_divergence
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add contention
 
@@ -181,6 +181,32 @@ def test_padded_rows_are_ignored_and_gradients_reach_only_the_student(kind):
     assert t.grad is None  # the teacher is a constant
     assert torch.isfinite(s.grad).all()
     assert (s.grad[~mask] == 0).all() and s.grad[mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "jsd"])
+@pytest.mark.parametrize("teacher_topk", [None, 4])
+@pytest.mark.parametrize("full", [True, False])
+def test_full_and_partial_masks_equal_a_position_by_position_reference(kind, teacher_topk, full):
+    # A full mask takes views of the logits, a partial one gathers the valid rows: value and gradient are those
+    # of the positions summed one by one, and bit-identical to gathering with the boolean mask. The student is
+    # a non-contiguous slice with a padded vocabulary (V + 2), as a causal LM's shifted logits can be.
+    mask = torch.ones(B, T, dtype=torch.bool) if full else padding_mask()
+    base = randn(B, T + 1, V + 2, seed=30).requires_grad_(True)
+    teacher = randn(B, T, V, seed=31)
+    options = {"kind": kind, "beta": 0.3, "teacher_topk": teacher_topk}
+    loss = logit_divergence(base[:, :-1], teacher, mask, **options)
+    (grad,) = torch.autograd.grad(loss, base)
+
+    gathered = logit_divergence_rows(base[:, :-1][mask], teacher[mask], **options).sum()
+    assert torch.equal(loss, gathered)
+    assert torch.equal(grad, torch.autograd.grad(gathered, base)[0])
+    want = sum(logit_divergence_rows(base[b, t, None], teacher[b, t, None], **options).sum()
+               for b, t in mask.nonzero().tolist())
+    (want_grad,) = torch.autograd.grad(want, base)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+    assert (grad[:, -1] == 0).all() and (grad[:, :-1][~mask] == 0).all()
+    assert (grad[:, :-1][mask].abs().sum(-1) > 0).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)

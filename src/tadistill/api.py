@@ -18,6 +18,7 @@ from typing import Any
 from tadistill.config import DistillConfig
 from tadistill.data.prepare import prepare_corpus
 from tadistill.evaluation.cost import count_parameters
+from tadistill.evaluation.fidelity import TeacherEmbeddings
 from tadistill.loading import load_model_config
 from tadistill.training.lane import build_lane
 from tadistill.training.loop import TokenizerInfo, Trainer
@@ -83,11 +84,13 @@ def _run(
     splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))
     texts = splits.heldout_texts[:SUMMARY_TEXTS]
+    embeddings = TeacherEmbeddings(tokenizer, texts)  # the teacher's side of both cosines, computed once
     signals = None
     if config.teacher_signals:  # stored teacher outputs (tadistill cache-teacher) instead of teacher forwards
         signals = TeacherSignals(config.teacher_signals, meta=signal_meta(config, teacher.config),
                                  spec=lane_signal_spec(lane))
-    cosine_start = start_cosine(lane, teacher, tokenizer, texts) if signals is None else None
+    cosine_start = (start_cosine(lane, teacher, tokenizer, texts, teacher_embeddings=embeddings)
+                    if signals is None else None)
     teacher_parameters = count_parameters(teacher)
     if not lane.needs_teacher or signals is not None:
         # Teacher-free (methods.md section 6) or offline signals: the teacher's weights were only read to build
@@ -108,7 +111,7 @@ def _run(
     summary = finish_lane(
         lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
         steps=result.final_step, train_tokens=splits.train.num_tokens(), cosine_start=cosine_start, began=began,
-        teacher_parameters=teacher_parameters,
+        teacher_parameters=teacher_parameters, teacher_embeddings=embeddings,
     )
     return DistillResult(run.root, run.student, summary)
 

@@ -38,13 +38,19 @@ def prepare_corpus(dc: DataConfig, tokenizer, *, seed: int, max_positions: int |
         fingerprint = "|".join(source_fingerprint(s, text_field=fields, split=dc.split) for s in sources)
         return tokenize_pairs(pairs, tokenizer, max_length=dc.max_length, heldout_fraction=dc.heldout_fraction,
                               seed=seed, cache_dir=cache_dir, fingerprint=f"pairs|{fingerprint}|{dc.max_texts}")
-    texts = []
-    for source in sources:  # several corpora (e.g. one per language) train together
-        part = load_texts(source, text_field=dc.text_field, split=dc.split)
-        texts += part[: dc.max_texts] if dc.max_texts else part
+
+    def load() -> list[str]:
+        texts = []
+        for source in sources:  # several corpora (e.g. one per language) train together
+            part = load_texts(source, text_field=dc.text_field, split=dc.split)
+            texts += part[: dc.max_texts] if dc.max_texts else part
+        return texts
+
+    # The cache key comes from the sources' fingerprints, not their texts: a cache hit reads no corpus
+    # (the built-in one takes seconds to rebuild), and the cache holds the held-out texts too.
     fingerprint = "|".join(source_fingerprint(s, text_field=dc.text_field, split=dc.split) for s in sources)
     splits = tokenize_corpus(
-        texts,
+        load,
         tokenizer,
         max_length=dc.max_length,
         heldout_fraction=dc.heldout_fraction,

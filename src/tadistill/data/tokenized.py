@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ class CorpusSplits:
 
 
 def tokenize_corpus(
-    texts: list[str],
+    texts: list[str] | Callable[[], list[str]],
     tokenizer: Any,
     *,
     max_length: int,
@@ -116,7 +116,9 @@ def tokenize_corpus(
     tokens special tokens included, except a final shorter one kept when it has at least 8 content
     tokens (or is the split's only sequence). packing=False: one text per sequence, truncated.
     With ``cache_dir`` and ``fingerprint`` (see ``source_fingerprint``), the result is cached on disk
-    under a key that also covers the tokenizer's vocabulary and every argument here.
+    under a key that also covers the tokenizer's vocabulary and every argument here (but not the texts:
+    the fingerprint stands for them). ``texts`` may be a function returning them: it is called only on
+    a cache miss, so a hit neither tokenizes nor reads the corpus.
     """
     _check_arguments(tokenizer, max_length, heldout_fraction, min_heldout)
     cache_file = None
@@ -128,6 +130,8 @@ def tokenize_corpus(
         if cached is not None:
             return cached
 
+    if callable(texts):
+        texts = texts()
     prefix, suffix = special_template(tokenizer)
     body = max_length - len(prefix) - len(suffix)
     if body < 1:

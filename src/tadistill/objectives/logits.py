@@ -257,8 +257,18 @@ def logit_divergence(
         )
     check_mask(mask, student_logits.shape[0], student_logits.shape[1], "logit_divergence")
     # Gather the valid rows first: (N, V) instead of (B, T, V), and padding rows (possibly all -inf) are gone.
+    # Every position valid: (B T, V) views instead, no copy of either logit tensor (nor, in backward, a
+    # scatter into a zero (B, T, V) gradient). The same rows in the same (b, t) order either way; the
+    # valid positions are found once (one host sync) for both tensors.
+    b, t = mask.shape
+    valid = mask.nonzero(as_tuple=True)  # (N,) batch and position indices, row-major
+    if valid[0].numel() == b * t:
+        student_rows = student_logits.reshape(b * t, student_logits.shape[-1])
+        teacher_rows = teacher_logits.detach().reshape(b * t, teacher_logits.shape[-1])
+    else:
+        student_rows, teacher_rows = student_logits[valid], teacher_logits.detach()[valid]
     rows = logit_divergence_rows(
-        student_logits[mask], teacher_logits.detach()[mask], kind=kind, temperature=temperature, beta=beta,
-        alpha=alpha, teacher_topk=teacher_topk,
+        student_rows, teacher_rows, kind=kind, temperature=temperature, beta=beta, alpha=alpha,
+        teacher_topk=teacher_topk,
     )  # (N,)
     return rows.sum()

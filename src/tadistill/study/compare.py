@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from tadistill.config import DistillConfig
 from tadistill.data.prepare import heldout_texts, prepare_corpus
 from tadistill.errors import ConfigError, RunDirError, TadistillError
+from tadistill.evaluation.fidelity import TeacherEmbeddings
 from tadistill.fileio import atomic_write_text
 from tadistill.resolve import resolve_config
 from tadistill.study.config import StudyConfig
@@ -179,7 +180,9 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
     splits = prepare_corpus(first.data, tokenizer, seed=first.train.seed,
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))
     texts = splits.heldout_texts[:SUMMARY_TEXTS]
-    cosines = {lane.name: start_cosine(lane, teacher, tokenizer, texts) for lane in lanes}
+    embeddings = TeacherEmbeddings(tokenizer, texts)  # the teacher's side of every lane's cosines, computed once
+    cosines = {lane.name: start_cosine(lane, teacher, tokenizer, texts, teacher_embeddings=embeddings)
+               for lane in lanes}
     for lane in lanes:
         lane.run.prepare(lane.config, resume=resuming, overwrite=False)
     atomic_write_text(pass_file, json.dumps({"cells": [lane.name for lane in lanes]}))
@@ -199,7 +202,7 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
             continue
         finish_lane(lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
                     steps=result.final_step, train_tokens=splits.train.num_tokens(),
-                    cosine_start=cosines[lane.name], began=began)
+                    cosine_start=cosines[lane.name], began=began, teacher_embeddings=embeddings)
         write_status(out, lane.name, "trained")
     pass_file.unlink()
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the students are saved; the pass is over

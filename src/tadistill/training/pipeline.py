@@ -16,7 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tadistill.capture.architectures import resolve_architecture
 from tadistill.config import DistillConfig
 from tadistill.evaluation.cost import count_parameters
-from tadistill.evaluation.fidelity import embedding_cosine
+from tadistill.evaluation.fidelity import TeacherEmbeddings
 from tadistill.fileio import atomic_write_text
 from tadistill.evaluation.intrinsic import causal_perplexity
 from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
@@ -52,15 +52,28 @@ def new_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
 
 
-def start_cosine(lane: Lane, teacher, tokenizer, texts: list[str]) -> float | None:
+def start_cosine(
+    lane: Lane, teacher, tokenizer, texts: list[str], *, teacher_embeddings: TeacherEmbeddings | None = None
+) -> float | None:
     """Embedding cosine of the student before training (deterministic given the seed, so also on resume).
 
     None for causal LMs, whose mean-pooled hidden states are no sentence embedding.
+    ``teacher_embeddings``: a cache of the teacher's side for these ``texts``, shared by the lanes of a
+    run and by ``finish_lane`` (the teacher then runs once, not twice per lane).
     """
     if not texts or lane.student_arch.causal:
         return None
+    embeddings = _embeddings_for(teacher_embeddings, tokenizer, texts)
     with lane.own_random_stream():
-        return embedding_cosine(teacher, lane.student, tokenizer, texts, max_length=lane.config.data.max_length)
+        return embeddings.cosine(teacher, lane.student, max_length=lane.config.data.max_length)
+
+
+def _embeddings_for(cache: TeacherEmbeddings | None, tokenizer, texts: list[str]) -> TeacherEmbeddings:
+    if cache is None:
+        return TeacherEmbeddings(tokenizer, texts)
+    if cache.tokenizer is not tokenizer or cache.texts != list(texts):
+        raise ValueError("teacher_embeddings were made for other texts or another tokenizer")  # a caller bug
+    return cache
 
 
 def _copy_sentence_transformers_files(teacher_dir: Path, target: Path, hidden_size: int) -> None:
@@ -104,10 +117,12 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_d
 def finish_lane(
     lane: Lane, accelerator: Accelerator, *, teacher, teacher_arch, tokenizer, texts: list[str], steps: int,
     train_tokens: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
+    teacher_embeddings: TeacherEmbeddings | None = None,
 ) -> dict[str, Any]:
     """Save the student and write summary.json (main process); return the summary.
 
     ``teacher`` may be None (teacher-free training, the teacher was dropped): pass ``teacher_parameters``.
+    ``teacher_embeddings``: as in ``start_cosine``.
     """
     # Every process takes part in gathering the full weights (sharded under FSDP / ZeRO-3); the main one saves.
     full = accelerator.get_state_dict(lane.model)
@@ -133,8 +148,9 @@ def finish_lane(
         "heldout_loss_start": evals[0]["eval/loss"] if evals else None,
         "heldout_loss_end": evals[-1]["eval/loss"] if evals else None,
         "embedding_cosine_start": cosine_start,
-        "embedding_cosine_end": embedding_cosine(teacher, final, tokenizer, texts, max_length=config.data.max_length)
-        if texts and teacher is not None and not s_arch.causal else None,
+        "embedding_cosine_end": _embeddings_for(teacher_embeddings, tokenizer, texts).cosine(
+            teacher, final, max_length=config.data.max_length,
+        ) if texts and teacher is not None and not s_arch.causal else None,
         "seconds": round(time.perf_counter() - began, 1),
     }
     if s_arch.causal and texts:
