@@ -6,6 +6,7 @@ the training term, the only state); these functions only compare tensors of equa
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,15 +14,20 @@ from tadistill.objectives.divergence import check_mask
 
 
 def _valid_rows(student: Tensor, teacher: Tensor, mask: Tensor, who: str) -> tuple[Tensor, Tensor]:
-    """(B, T, d) each -> float32 (N, d) rows of the N valid tokens; the teacher side detached."""
+    """(B, T, d) each -> float32 (B, T, d) each with padded tokens set to 0; the teacher side detached.
+
+    torch.where rather than boolean indexing: indexing needs the count of valid tokens on the host (a
+    GPU synchronisation every call) and copies both tensors. Padded tokens (possibly garbage, even inf)
+    are replaced before any arithmetic, and where's backward gives them exactly zero gradient.
+    """
     if student.shape != teacher.shape or student.dim() != 3:
         raise ValueError(
             f"{who}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be (B, T, d); "
             "project the student to the teacher width first"
         )
     check_mask(mask, student.shape[0], student.shape[1], who)
-    # Indexing before upcasting: padded tokens (possibly garbage) never enter the arithmetic.
-    return student[mask].float(), teacher.detach()[mask].float()
+    keep = mask[:, :, None]
+    return torch.where(keep, student.float(), 0.0), torch.where(keep, teacher.detach().float(), 0.0)
 
 
 def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
@@ -37,7 +43,7 @@ def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         tokens gives nn.MSELoss over the valid entries. No valid token -> 0.
     """
     s, t = _valid_rows(student, teacher, mask, "hidden_mse")
-    return (s - t).square().mean(dim=-1).sum()
+    return (s - t).square().mean(dim=-1).sum()  # padded tokens contribute (0 - 0)^2
 
 
 def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
@@ -54,4 +60,4 @@ def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         vectors give a finite loss of 1. No valid token -> 0.
     """
     s, t = _valid_rows(student, teacher, mask, "hidden_cosine")
-    return (1.0 - F.cosine_similarity(s, t, dim=-1)).sum()
+    return (1.0 - F.cosine_similarity(s, t, dim=-1)).masked_fill(~mask, 0.0).sum()

@@ -136,10 +136,15 @@ def make_batch(
 
 
 def _counts(batches: list[dict[str, Tensor]], device) -> Tensor:
-    """(2,) valid tokens and masked positions of the given micro-batches."""
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    masked = sum(int((b["labels"] != -100).sum()) for b in batches)
-    return torch.tensor([tokens, masked], dtype=torch.float64, device=device)
+    """(2,) valid tokens and masked positions of the given micro-batches, float64 on ``device``.
+
+    Summed on the device, never read back here: the loop reads its host values once per step.
+    """
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in batches:
+        counts[0] += b["attention_mask"].sum(dtype=torch.float64)
+        counts[1] += (b["labels"] != -100).sum(dtype=torch.float64)
+    return counts
 
 
 def _inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
