@@ -23,18 +23,19 @@ from rich.console import Console
 from rich.table import Table
 
 if __package__:  # imported as benchmarks.run
-    from . import chunked_memory, compile_effect, minimal_loop, peers_textbrewer, shared_teacher
+    from . import chunked_memory, compile_effect, minimal_loop, peers_textbrewer, peers_trl_gkd, shared_teacher
     from .common import Figure, machine, quiet_transformers
 else:  # python benchmarks/run.py: benchmarks/ is on sys.path
     import chunked_memory
     import compile_effect
     import minimal_loop
     import peers_textbrewer
+    import peers_trl_gkd
     import shared_teacher
     from common import Figure, machine, quiet_transformers
 
-BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, shared_teacher, chunked_memory,
-                                                 compile_effect)}
+BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, peers_trl_gkd, shared_teacher,
+                                                 chunked_memory, compile_effect)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -7,7 +7,9 @@ ever exist for ``chunk_size`` rows at a time, in the forward pass and in the bac
 1. the valid positions are flattened: (B, T, d) -> (N, d) rows in row-major (b, t) order;
 2. per chunk of rows, logits = output_layer(h_chunk) (c, V) and the chunk's divergence SUM are computed
    inside ``torch.utils.checkpoint``, so autograd keeps only the (c, d) input and the scalar; the
-   backward pass recomputes that chunk's logits, takes its gradient and frees them again;
+   backward pass recomputes that chunk's logits, takes its gradient and frees them again. The last
+   chunk is the exception: backward starts with it, so it keeps its activations and is not recomputed
+   (one chunk, the common case for short batches, runs exactly like the plain loss);
 3. the chunk sums are added; the training loop divides once by the global count of valid tokens.
 
 This is the contract of Liger-Kernel's chunked (fused-linear) losses, where each chunk returns a sum and
@@ -74,7 +76,7 @@ def chunked_logit_divergence(
             teacher logits of the flat valid rows ``rows`` (a slice over the N valid positions in row-major
             (b, t) order, i.e. the rows of ``x[mask]``), so the teacher can be chunked too: for example
             ``lambda rows: teacher_head(teacher_hidden[mask][rows])``. It is called under no_grad, once per
-            chunk in forward and once more in backward; with no valid position it is called once with an
+            chunk in forward and once more in backward (except the last chunk); with no valid position it is called once with an
             empty slice. V_T may differ from V_S (see ``logit_divergence``).
         mask: bool (B, T), True = position to distill.
         chunk_size: rows per chunk, >= 1; peak memory grows as chunk_size x V.
@@ -131,7 +133,7 @@ def _check_chunk_size(chunk_size: int) -> None:
 
 
 def _sum_over_chunks(chunk_sum: Callable[[Tensor, slice], Tensor], hidden_rows: Tensor, chunk_size: int) -> Tensor:
-    """Add ``chunk_sum(rows of hidden_rows, rows)`` over chunks, each recomputed in backward (see module doc)."""
+    """Add ``chunk_sum(rows of hidden_rows, rows)`` over chunks, all but the last recomputed in backward (module doc)."""
     n = hidden_rows.shape[0]
     recompute = torch.is_grad_enabled()  # under no_grad (evaluation) nothing is kept anyway
     total: Tensor | None = None
@@ -140,9 +142,16 @@ def _sum_over_chunks(chunk_sum: Callable[[Tensor, slice], Tensor], hidden_rows: 
     for start in range(0, max(n, 1), chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         h = hidden_rows[rows]  # (c, d) view
+        # The last chunk keeps its activations: backward starts with it, right after this forward, so they
+        # never coexist with another chunk's. Only the earlier chunks are recomputed, and a single chunk
+        # (short batches) costs no recomputation at all.
+        last = rows.stop >= n
         # Non-reentrant checkpoint: gradients also reach parameters the callable closes over, and the
         # slice passes through as a plain argument.
-        part = checkpoint(chunk_sum, h, rows, use_reentrant=False) if recompute else chunk_sum(h, rows)
+        if recompute and not last:
+            part = checkpoint(chunk_sum, h, rows, use_reentrant=False)
+        else:
+            part = chunk_sum(h, rows)
         total = part if total is None else total + part
     assert total is not None
     return total
@@ -160,7 +169,8 @@ def chunked_cross_entropy(
 
     Args:
         hidden: (B, T, d) last hidden states; gradients flow to it and to the output layer.
-        output_layer: (c, d) -> (c, V) logits, called once per chunk in forward and again in backward.
+        output_layer: (c, d) -> (c, V) logits, called once per chunk in forward and again in backward
+            (all chunks but the last).
         targets: (B, T) long, the token each position predicts (already shifted), ``ignore_index`` = none.
         chunk_size: rows per chunk.
 
