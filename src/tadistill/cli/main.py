@@ -191,6 +191,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     study = load_study(path)
     out = args.out or _default_out(study.name)
     report = compare(study, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # several processes (torchrun): the main one prints
+        return 0
     table = Path(report) / "study.md"
     if table.is_file():
         print(table.read_text())

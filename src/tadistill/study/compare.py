@@ -127,7 +127,11 @@ def _comparable(study: dict) -> dict:
     return study
 
 
-def _prepare_study_dir(study: StudyConfig, out: Path, *, resume: bool, overwrite: bool) -> None:
+def _prepare_study_dir(study: StudyConfig, out: Path, *, resume: bool, overwrite: bool, create: bool = True) -> None:
+    """Refuse an --out that cannot take this study; with ``create``, then write it (study.yaml).
+
+    Under several processes every one checks (so that all refuse alike) and only the main one creates.
+    """
     path = out / STUDY_FILE
     resolved = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
     if resume and overwrite:
@@ -136,24 +140,31 @@ def _prepare_study_dir(study: StudyConfig, out: Path, *, resume: bool, overwrite
         if resume:
             if _comparable(yaml.safe_load(path.read_text(encoding="utf-8"))) != _comparable(yaml.safe_load(resolved)):
                 raise RunDirError(f"cannot resume {out}: it holds a different study; choose another --out")
-            atomic_write_text(path, resolved)
+            if create:
+                atomic_write_text(path, resolved)
             return
         if not overwrite:
             raise RunDirError(f"{out} already holds a study: pass --resume to continue it, --overwrite to replace it")
-        shutil.rmtree(out)
+        if create:
+            shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
         raise RunDirError(f"--out {out} exists and is not a tadistill study: choose another directory")
     elif resume:
         raise RunDirError(f"nothing to resume in {out}: it holds no study")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, resolved)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, resolved)
 
 
 # ------------------------------------------------------------------------------------------- train
 
 
 def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
-    """One pass over the data for every cell still to train; the teacher runs once per batch."""
+    """One pass over the data for every cell still to train; the teacher runs once per batch.
+
+    Under several processes (torchrun, accelerate launch) every process trains its share of each batch,
+    and only the main one writes the study's files.
+    """
     todo = [c for c in cells if c.config is not None and read_status(out, c.name)["state"] == "new"]
     if not todo:
         return
@@ -162,8 +173,9 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
     if resuming:
         names = json.loads(pass_file.read_text(encoding="utf-8"))["cells"]
         todo = [c for c in cells if c.name in names]
-    began = time.perf_counter()
     configs = [c.config for c in todo]
+    state = new_accelerator(configs[0].train.precision)  # before any file is written: the processes' barriers
+    began = time.perf_counter()
     tokenizer, teacher, t_arch = load_teacher(configs)
     lanes: list[Lane] = []
     for cell in todo:
@@ -173,7 +185,8 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
             lanes.append(lane)
         except TadistillError as exc:
             cell.error = str(exc)
-            write_status(out, cell.name, "failed", error=cell.error)
+            if state.is_main_process:
+                write_status(out, cell.name, "failed", error=cell.error)
     if not lanes:
         return
     first = lanes[0].config
@@ -183,10 +196,13 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
     embeddings = TeacherEmbeddings(tokenizer, texts)  # the teacher's side of every lane's cosines, computed once
     cosines = {lane.name: start_cosine(lane, teacher, tokenizer, texts, teacher_embeddings=embeddings)
                for lane in lanes}
-    for lane in lanes:
-        lane.run.prepare(lane.config, resume=resuming, overwrite=False)
-    atomic_write_text(pass_file, json.dumps({"cells": [lane.name for lane in lanes]}))
-    accelerator = new_accelerator(first.train.precision)
+    state.wait_for_everyone()  # every process has read the study's state before the main one changes it
+    if state.is_main_process:
+        for lane in lanes:
+            lane.run.prepare(lane.config, resume=resuming, overwrite=False)
+        atomic_write_text(pass_file, json.dumps({"cells": [lane.name for lane in lanes]}))
+    accelerator = state
+    accelerator.wait_for_everyone()
     state_yaml = yaml.safe_dump({lane.name: lane.config.model_dump(mode="json") for lane in lanes}, sort_keys=False)
     trainer = Trainer(
         lanes, accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
@@ -194,18 +210,25 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
         progress=progress, drop_failed_lanes=True,
     )
     result = trainer.run()
+    accelerator.wait_for_everyone()
     if result.stopped_early and any(lane.failed is None for lane in lanes):
         return  # train.stop_at: the pass continues with --resume
     for lane in lanes:
         if lane.failed:
-            write_status(out, lane.name, "failed", error=lane.failed)
+            if accelerator.is_main_process:
+                write_status(out, lane.name, "failed", error=lane.failed)
             continue
+        # Every process takes part (the full weights are gathered); the main one saves and writes.
         finish_lane(lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
                     steps=result.final_step, train_tokens=splits.train.num_tokens(),
                     cosine_start=cosines[lane.name], began=began, teacher_embeddings=embeddings)
-        write_status(out, lane.name, "trained")
-    pass_file.unlink()
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the students are saved; the pass is over
+        if accelerator.is_main_process:
+            write_status(out, lane.name, "trained")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        pass_file.unlink()
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the students are saved; the pass is over
+    accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -262,13 +285,23 @@ def compare(study: StudyConfig, *, out: str | Path, resume: bool = False, overwr
     from tadistill.study.report import build_report
 
     out = Path(out)
-    _prepare_study_dir(study, out, resume=resume, overwrite=overwrite)
     cells = expand_cells(study)
-    for cell in cells:
-        if cell.error and read_status(out, cell.name)["state"] != "failed":
-            write_status(out, cell.name, "failed", error=cell.error)
+    valid = [c.config for c in cells if c.config is not None]
+    # One process, or one of several launched by torchrun / accelerate launch.
+    state = new_accelerator(valid[0].train.precision if valid else "no")
+    _prepare_study_dir(study, out, resume=resume, overwrite=overwrite, create=False)  # every process refuses alike
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _prepare_study_dir(study, out, resume=resume, overwrite=overwrite)
+        for cell in cells:
+            if cell.error and read_status(out, cell.name)["state"] != "failed":
+                write_status(out, cell.name, "failed", error=cell.error)
+    state.wait_for_everyone()
     train_cells(cells, out, progress=progress)
     if (out / "pass.json").is_file():
         return out / "report"  # stopped early (train.stop_at); --resume continues
-    evaluate_cells(study, cells, out)
-    return build_report(out)
+    if state.is_main_process:  # evaluation runs in one process; the others wait for the report
+        evaluate_cells(study, cells, out)
+        build_report(out)
+    state.wait_for_everyone()
+    return out / "report"
