@@ -235,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         run_variant(opts.child, opts.chunk, opts, opts.result)
         return 0
     for figure in figures(measure(opts), opts):
-        print(f"{figure.what}: ratio {figure.ratio:.3f} (target {figure.target_text}: "
-              f"{'met' if figure.met else 'MISSED'}); {figure.details}")
+        print(figure.line())
     return 0
 
 

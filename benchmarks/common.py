@@ -37,6 +37,11 @@ class Figure:
     def met(self) -> bool:
         return self.ratio <= self.target
 
+    def line(self) -> str:
+        """One line for a benchmark run on its own (run.py prints a table instead)."""
+        return (f"{self.what}: ratio {self.ratio:.3f} (target {self.target_text}: "
+                f"{'met' if self.met else 'MISSED'}); {self.details}")
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "met": self.met}
 

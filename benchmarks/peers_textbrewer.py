@@ -605,8 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.result.write_text(json.dumps(result), encoding="utf-8")
         return 0
     for figure in run(argv):
-        print(f"{figure.what}: ratio {figure.ratio:.3f} (target {figure.target_text}: "
-              f"{'met' if figure.met else 'MISSED'}); {figure.details}")
+        print(figure.line())
     return 0
 
 

@@ -686,8 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.arm:
         return child(opts)
     for figure in run(argv):
-        print(f"{figure.what}: ratio {figure.ratio:.3f} (target {figure.target_text}: "
-              f"{'met' if figure.met else 'MISSED'}); {figure.details}")
+        print(figure.line())
     return 0
 
 

@@ -246,8 +246,7 @@ def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
 
 def main(argv: list[str] | None = None) -> int:
     for figure in run(argv):
-        print(f"{figure.what}: ratio {figure.ratio:.3f} (target {figure.target_text}: "
-              f"{'met' if figure.met else 'MISSED'}); {figure.details}")
+        print(figure.line())
     return 0
 
 

@@ -473,3 +473,13 @@ def test_attention_errors_are_config_errors():
         relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=0)
     with pytest.raises(ConfigError, match="relation_heads=3 must divide"):
         relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=3)
+
+
+def test_relation_kl_stays_float32_under_autocast():
+    """Inside a bf16 autocast region (train.precision=bf16) the relations are still computed in float32."""
+    s, t, mask = randn(B, T, 32, seed=23), randn(B, T, 48, seed=24, scale=1.5), padding_mask()
+    plain = relation_kl(s, t, mask, relation_heads=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = relation_kl(s, t, mask, relation_heads=4)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain)

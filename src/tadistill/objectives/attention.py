@@ -158,6 +158,14 @@ def relation_kl(
             "choose a common divisor"
         )
     check_mask(mask, student_x.shape[0], student_x.shape[1], "relation_kl")
+    # float32 throughout, also inside a bf16 / fp16 autocast region (which would run the matmuls in half
+    # precision): the KL below is a difference of O(log T) terms and needs their digits.
+    with torch.autocast(student_x.device.type, enabled=False):
+        return _relation_kl_float32(student_x, teacher_x, mask, relation_heads, causal)
+
+
+def _relation_kl_float32(student_x: Tensor, teacher_x: Tensor, mask: Tensor, relation_heads: int,
+                         causal: bool) -> Tensor:
     b, t, _ = student_x.shape
     bias = _key_bias(mask, causal, relation_heads)
     # Per row, with z = relation logits, p = softmax(z_T), lse = logsumexp:
