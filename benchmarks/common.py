@@ -148,3 +148,29 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def single_lane_trainer(config, out):
+    """tadistill's Trainer and lane for one config, built with the calls ``tadistill.distill`` makes (api._run).
+
+    For benchmarks that time or drive the real loop step by step; the run directory ``out`` is created.
+    """
+    from tadistill.data.prepare import prepare_corpus
+    from tadistill.training.lane import build_lane
+    from tadistill.training.loop import TokenizerInfo, Trainer
+    from tadistill.training.pipeline import load_teacher, new_accelerator
+    from tadistill.training.rundir import RunDir, config_to_yaml
+
+    accelerator = new_accelerator(config.train.precision)
+    tokenizer, teacher, t_arch = load_teacher([config])
+    run = RunDir(out)
+    lane = build_lane("student", config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
+    splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
+                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
+    run.prepare(config, resume=False, overwrite=False)
+    trainer = Trainer(
+        [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
+        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),
+        progress=False,
+    )
+    return trainer, lane

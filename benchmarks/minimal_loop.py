@@ -38,9 +38,11 @@ import torch
 from torch import Tensor, nn
 
 if __package__:  # imported as benchmarks.minimal_loop
-    from .common import Figure, Stopwatch, cores_text, default_precision, median, pick_device, sync
+    from .common import (Figure, Stopwatch, cores_text, default_precision, median, pick_device, single_lane_trainer,
+                         sync)
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import Figure, Stopwatch, cores_text, default_precision, median, pick_device, sync
+    from common import (Figure, Stopwatch, cores_text, default_precision, median, pick_device, single_lane_trainer,
+                        sync)
 
 NAME = "minimal_loop"
 HOW = ("tadistill's Trainer.run() and a plain-PyTorch loop train the same student from the same weights on the same "
@@ -172,11 +174,6 @@ class MinimalLoop:
 def build_tadistill(objective: str, opts: argparse.Namespace, out: str):
     """The config, Trainer and lane that ``tadistill.distill`` would build for this run (same calls as api._run)."""
     from tadistill import resolve_config
-    from tadistill.data.prepare import prepare_corpus
-    from tadistill.training.lane import build_lane
-    from tadistill.training.loop import TokenizerInfo, Trainer
-    from tadistill.training.pipeline import load_teacher, new_accelerator
-    from tadistill.training.rundir import RunDir, config_to_yaml
 
     overrides = [
         "student.num_layers=3", f"train.steps={opts.warmup + opts.steps + 1}", f"train.batch_size={opts.batch_size}",
@@ -188,18 +185,7 @@ def build_tadistill(objective: str, opts: argparse.Namespace, out: str):
     else:
         overrides.append(f"objectives.minilmv2.relation_heads={RELATION_HEADS}")
     config = resolve_config(objective, overrides=overrides)
-    accelerator = new_accelerator(config.train.precision)
-    tokenizer, teacher, t_arch = load_teacher([config])
-    run = RunDir(out)
-    lane = build_lane("student", config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
-    splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
-                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
-    run.prepare(config, resume=False, overwrite=False)
-    trainer = Trainer(
-        [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
-        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),
-        progress=False,
-    )
+    trainer, lane = single_lane_trainer(config, out)
     return config, trainer, lane
 
 

@@ -63,10 +63,10 @@ import torch
 
 if __package__:  # imported as benchmarks.peers_trl_gkd
     from .common import (Figure, Stopwatch, _machine_busy_seconds, cores_text, default_precision, median,
-                         pick_device, sync)
+                         pick_device, single_lane_trainer, sync)
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
     from common import (Figure, Stopwatch, _machine_busy_seconds, cores_text, default_precision, median,
-                        pick_device, sync)
+                        pick_device, single_lane_trainer, sync)
 
 NAME = "peers_trl_gkd"
 HOW = ("tadistill (recipe gkd, its Trainer.run()) and trl's GKDTrainer distil the same student from the same "
@@ -293,25 +293,9 @@ class Record:
 def arm_tadistill(spec: dict, opts: argparse.Namespace, out: Path) -> dict:
     """tadistill's loop, built with the calls ``tadistill.distill`` makes (api._run), timed per step."""
     from tadistill import resolve_config
-    from tadistill.data.prepare import prepare_corpus
-    from tadistill.training.lane import build_lane
-    from tadistill.training.loop import TokenizerInfo, Trainer
-    from tadistill.training.pipeline import load_teacher, new_accelerator
-    from tadistill.training.rundir import RunDir, config_to_yaml
 
     config = resolve_config("gkd", overrides=tadistill_overrides(opts, spec["teacher"], spec["student"]))
-    accelerator = new_accelerator(config.train.precision)
-    tokenizer, teacher, t_arch = load_teacher([config])
-    run = RunDir(out)
-    lane = build_lane("student", config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
-    splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
-                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
-    run.prepare(config, resume=False, overwrite=False)
-    trainer = Trainer(
-        [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
-        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),
-        progress=False,
-    )
+    trainer, lane = single_lane_trainer(config, out)
     device = trainer.acc.device
     # The prompts tadistill draws are the ones trl is given (checked before anything is timed).
     rows = spec["rows"]
