@@ -174,3 +174,10 @@ def single_lane_trainer(config, out):
         progress=False,
     )
     return trainer, lane
+
+
+def print_figures(figures: list[Figure]) -> int:
+    """A benchmark module run on its own: one line per figure; exit status 0."""
+    for figure in figures:
+        print(figure.line())
+    return 0

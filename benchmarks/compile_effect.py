@@ -26,9 +26,9 @@ import tempfile
 from pathlib import Path
 
 if __package__:  # imported as benchmarks.compile_effect
-    from .common import Figure, Stopwatch, cores_text, default_precision, median, pick_device
+    from .common import Figure, Stopwatch, cores_text, default_precision, median, pick_device, print_figures
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import Figure, Stopwatch, cores_text, default_precision, median, pick_device
+    from common import Figure, Stopwatch, cores_text, default_precision, median, pick_device, print_figures
 
 NAME = "compile_effect"
 HOW = ("tadistill.distill twice per objective, identical but for train.compile (eager, compiled, eager, compiled); "
@@ -133,9 +133,7 @@ def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for figure in run(argv):
-        print(figure.line())
-    return 0
+    return print_figures(run(argv))
 
 
 if __name__ == "__main__":

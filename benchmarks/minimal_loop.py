@@ -38,11 +38,29 @@ import torch
 from torch import Tensor, nn
 
 if __package__:  # imported as benchmarks.minimal_loop
-    from .common import (Figure, Stopwatch, cores_text, default_precision, median, pick_device, single_lane_trainer,
-                         sync)
+    from .common import (
+        Figure,
+        Stopwatch,
+        cores_text,
+        default_precision,
+        median,
+        pick_device,
+        print_figures,
+        single_lane_trainer,
+        sync,
+    )
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import (Figure, Stopwatch, cores_text, default_precision, median, pick_device, single_lane_trainer,
-                        sync)
+    from common import (
+        Figure,
+        Stopwatch,
+        cores_text,
+        default_precision,
+        median,
+        pick_device,
+        print_figures,
+        single_lane_trainer,
+        sync,
+    )
 
 NAME = "minimal_loop"
 HOW = ("tadistill's Trainer.run() and a plain-PyTorch loop train the same student from the same weights on the same "
@@ -199,6 +217,52 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def interleave(trainer, lane, times, other_step: Callable[[int, dict], None],
+               before: Callable[[int], None] | None = None) -> None:
+    """Wrap ``trainer._step`` so that another loop's step runs beside each tadistill step, never at the same time.
+
+    ``other_step(step, rng)`` runs before tadistill's even steps and after its odd ones (so that neither side is
+    always first), with ``rng`` the lane's random state at the start of the step (the same dropout draws).
+    tadistill's ``_step`` time goes to ``times.tadistill_step_only``, the time ``run()`` spent since the
+    previous step to ``times.gaps`` and the step's loss to ``times.tadistill_loss``; ``finish_times`` adds them
+    up after ``run()``. ``before(step)`` runs first, outside both timings.
+    """
+    device = trainer.acc.device
+    real_step = trainer._step
+    last_return: list[float] = []  # when the previous wrapped step handed control back to run()
+
+    def alternating(step: int, t_cap):
+        outside = time.perf_counter() - last_return[-1] if last_return else 0.0
+        if before is not None:
+            before(step)
+        rng = _copy_rng(lane.rng)
+        if step % 2 == 0:
+            other_step(step, rng)
+        sync(device)
+        began = time.perf_counter()
+        result = real_step(step, t_cap)
+        sync(device)
+        inside = time.perf_counter() - began
+        if step % 2 == 1:
+            other_step(step, rng)
+        times.tadistill_step_only.append(inside)
+        times.gaps.append(outside)
+        rows = result[0]
+        times.tadistill_loss.append(rows["student"]["loss"] if "student" in rows else float("nan"))
+        last_return.append(time.perf_counter())
+        return result
+
+    trainer._step = alternating  # an instance attribute: run() calls it for every step
+
+
+def finish_times(times) -> None:
+    """tadistill's step = its ``_step`` + run()'s bookkeeping after it, seen when the next step starts.
+
+    The last step has none (the final evaluation and checkpoint come instead) and is left out of the statistics.
+    """
+    times.tadistill = [s + g for s, g in zip(times.tadistill_step_only, times.gaps[1:] + [0.0])]
+
+
 @dataclass
 class StepTimes:
     tadistill: list[float] = field(default_factory=list)  # _step + run()'s bookkeeping after it
@@ -232,9 +296,6 @@ def measure(objective: str, opts: argparse.Namespace) -> StepTimes:
             betas=tc.adam_betas, eps=tc.adam_eps, max_grad_norm=tc.max_grad_norm, steps=tc.steps,
             warmup=max(tc.warmup_steps, int(tc.warmup_ratio * tc.steps)), precision=tc.precision, device=device,
         )
-        real_step = trainer._step
-        last_return: list[float] = []  # when the previous wrapped step handed control back to run()
-
         def minimal_step(step: int, rng: dict) -> None:
             batch = trainer._micro_batches(step)[0].variants[False]  # the very batch tadistill trains on
             _set_rng(rng)  # the lane's dropout stream: same draws as tadistill's student
@@ -245,35 +306,14 @@ def measure(objective: str, opts: argparse.Namespace) -> StepTimes:
             times.minimal.append(time.perf_counter() - began)
             times.minimal_loss.append(float(loss))
 
-        def alternating(step: int, t_cap):
-            outside = time.perf_counter() - last_return[-1] if last_return else 0.0
-            rng = _copy_rng(lane.rng)
-            if step % 2 == 0:
-                minimal_step(step, rng)
-            sync(device)
-            began = time.perf_counter()
-            result = real_step(step, t_cap)
-            sync(device)
-            inside = time.perf_counter() - began
-            if step % 2 == 1:
-                minimal_step(step, rng)
-            times.tadistill_step_only.append(inside)
-            times.gaps.append(outside)
-            rows = result[0]
-            times.tadistill_loss.append(rows["student"]["loss"] if "student" in rows else float("nan"))
-            last_return.append(time.perf_counter())
-            return result
-
-        trainer._step = alternating  # an instance attribute: run() calls it for every step
+        interleave(trainer, lane, times, minimal_step)
         with Stopwatch() as sw:
             trainer.run()
         times.elsewhere = sw.elsewhere
         if objective == "minilmv2":
             minimal.t_qkv.remove()
             minimal.s_qkv.remove()
-    # run()'s bookkeeping after step k is seen when step k + 1 starts. The last step has none (the final
-    # evaluation and checkpoint come instead) and is left out of the statistics.
-    times.tadistill = [s + g for s, g in zip(times.tadistill_step_only, times.gaps[1:] + [0.0])]
+    finish_times(times)
     return times
 
 
@@ -329,9 +369,7 @@ def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for figure in run(argv):
-        print(figure.line())
-    return 0
+    return print_figures(run(argv))
 
 
 if __name__ == "__main__":

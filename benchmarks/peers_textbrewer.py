@@ -76,11 +76,11 @@ import torch
 from torch import Tensor
 
 if __package__:  # imported as benchmarks.peers_textbrewer
-    from .common import Figure, Stopwatch, cores_text, median, pick_device, quiet_transformers, sync
-    from .minimal_loop import _copy_rng, _set_rng, build_tadistill, uniform_pairs
+    from .common import Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync
+    from .minimal_loop import _copy_rng, _set_rng, build_tadistill, finish_times, interleave, uniform_pairs
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import Figure, Stopwatch, cores_text, median, pick_device, quiet_transformers, sync
-    from minimal_loop import _copy_rng, _set_rng, build_tadistill, uniform_pairs
+    from common import Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync
+    from minimal_loop import _copy_rng, _set_rng, build_tadistill, finish_times, interleave, uniform_pairs
 
 NAME = "peers_textbrewer"
 HOW = ("tadistill's Trainer.run() and TextBrewer's GeneralDistiller.train() distil the same student from the same "
@@ -331,32 +331,16 @@ def measure_speed(opts: argparse.Namespace, state_dir: Path) -> Timing:
         lockstep = Lockstep(lambda before: TextBrewerRun(
             load_pretrained("builtin"), student, batches, config.train, steps=steps, device=device,
             precision=opts.precision, out_dir=str(tb_out), before=before))
-        real_step = trainer._step
-        last_return: list[float] = []
-
-        def alternating(step: int, t_cap):
-            outside = time.perf_counter() - last_return[-1] if last_return else 0.0
-            if step == 1:
-                lockstep.start_rng = _copy_rng(lane.rng)  # TextBrewer's dropout stream: the lane's
-            mine = trainer._micro_batches(step)[0].variants[False]  # (outside both timings) same batch?
+        def same_batch(step: int) -> None:  # outside both timings: TextBrewer is given tadistill's batches
+            mine = trainer._micro_batches(step)[0].variants[False]
             assert torch.equal(mine["input_ids"].cpu(), batches[step - 1]["input_ids"]), step
-            if step % 2 == 0:
-                lockstep.one_step()
-            sync(device)
-            began = time.perf_counter()
-            result = real_step(step, t_cap)
-            sync(device)
-            inside = time.perf_counter() - began
-            if step % 2 == 1:
-                lockstep.one_step()
-            timing.tadistill_step_only.append(inside)
-            timing.gaps.append(outside)
-            rows = result[0]
-            timing.tadistill_loss.append(rows["student"]["loss"] if "student" in rows else float("nan"))
-            last_return.append(time.perf_counter())
-            return result
 
-        trainer._step = alternating  # an instance attribute: run() calls it for every step
+        def textbrewer_step(step: int, rng: dict) -> None:
+            if step == 1:
+                lockstep.start_rng = rng  # TextBrewer's dropout stream: the lane's
+            lockstep.one_step()
+
+        interleave(trainer, lane, timing, textbrewer_step, before=same_batch)
         try:
             lockstep.start()
             timing.student_weights_equal = all(
@@ -370,8 +354,7 @@ def measure_speed(opts: argparse.Namespace, state_dir: Path) -> Timing:
         lockstep._check()
         timing.textbrewer = lockstep.times
         timing.textbrewer_loss = lockstep.run.losses
-    # run()'s bookkeeping after step k is seen when step k + 1 starts; the last step has none (it is left out).
-    timing.tadistill = [s + g for s, g in zip(timing.tadistill_step_only, timing.gaps[1:] + [0.0])]
+    finish_times(timing)
     return timing
 
 
@@ -604,9 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         result = memory_arm(opts.arm, opts)
         opts.result.write_text(json.dumps(result), encoding="utf-8")
         return 0
-    for figure in run(argv):
-        print(figure.line())
-    return 0
+    return print_figures(run(argv))
 
 
 if __name__ == "__main__":

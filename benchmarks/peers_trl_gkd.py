@@ -62,11 +62,31 @@ from pathlib import Path
 import torch
 
 if __package__:  # imported as benchmarks.peers_trl_gkd
-    from .common import (Figure, Stopwatch, _machine_busy_seconds, cores_text, default_precision, median,
-                         pick_device, single_lane_trainer, sync)
+    from .common import (
+        Figure,
+        Stopwatch,
+        _machine_busy_seconds,
+        cores_text,
+        default_precision,
+        median,
+        pick_device,
+        print_figures,
+        single_lane_trainer,
+        sync,
+    )
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import (Figure, Stopwatch, _machine_busy_seconds, cores_text, default_precision, median,
-                        pick_device, single_lane_trainer, sync)
+    from common import (
+        Figure,
+        Stopwatch,
+        _machine_busy_seconds,
+        cores_text,
+        default_precision,
+        median,
+        pick_device,
+        print_figures,
+        single_lane_trainer,
+        sync,
+    )
 
 NAME = "peers_trl_gkd"
 HOW = ("tadistill (recipe gkd, its Trainer.run()) and trl's GKDTrainer distil the same student from the same "
@@ -213,12 +233,13 @@ def _shape(model) -> str:
 
 def prepare(opts: argparse.Namespace, work: Path) -> dict:
     """Teacher, student and prompts that both arms use; written to ``work/spec.json``."""
+    from transformers import set_seed
+
     from tadistill import resolve_config
     from tadistill.data.batches import BatchOrder
     from tadistill.data.prepare import prepare_corpus
     from tadistill.students.spec import build_student_from_spec
     from tadistill.training.pipeline import load_teacher
-    from transformers import set_seed
 
     teacher_dir, teacher_how = pick_teacher(opts, work)
     config = resolve_config("gkd", overrides=tadistill_overrides(opts, teacher_dir, None))
@@ -342,8 +363,9 @@ def arm_tadistill(spec: dict, opts: argparse.Namespace, out: Path) -> dict:
 
 def trl_arguments(opts: argparse.Namespace, out: Path, device: torch.device):
     """trl's GKDConfig holding the same settings as ``tadistill_overrides`` (and the gkd recipe's defaults)."""
-    from tadistill import resolve_config
     from trl.experimental.gkd import GKDConfig
+
+    from tadistill import resolve_config
 
     tc = resolve_config("gkd", overrides=tadistill_overrides(opts, "unused", None)).train
     return GKDConfig(
@@ -669,9 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     if opts.arm:
         return child(opts)
-    for figure in run(argv):
-        print(figure.line())
-    return 0
+    return print_figures(run(argv))
 
 
 if __name__ == "__main__":

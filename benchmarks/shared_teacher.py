@@ -36,9 +36,29 @@ from pathlib import Path
 import torch
 
 if __package__:  # imported as benchmarks.shared_teacher
-    from .common import Figure, Stopwatch, cores_text, default_precision, load_average, median, pick_device, sync
+    from .common import (
+        Figure,
+        Stopwatch,
+        cores_text,
+        default_precision,
+        load_average,
+        median,
+        pick_device,
+        print_figures,
+        sync,
+    )
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import Figure, Stopwatch, cores_text, default_precision, load_average, median, pick_device, sync
+    from common import (
+        Figure,
+        Stopwatch,
+        cores_text,
+        default_precision,
+        load_average,
+        median,
+        pick_device,
+        print_figures,
+        sync,
+    )
 
 NAME = "shared_teacher"
 HOW = ("tadistill.study.compare trains 4 students in one pass (one teacher forward per batch); tadistill.distill "
@@ -245,9 +265,7 @@ def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for figure in run(argv):
-        print(figure.line())
-    return 0
+    return print_figures(run(argv))
 
 
 if __name__ == "__main__":
