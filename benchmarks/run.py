@@ -1,6 +1,6 @@
 """Run tadistill's benchmarks and print one table of ratios, each against its target.
 
-    python benchmarks/run.py                         # all of them (about 20 minutes on a 2-core CPU)
+    python benchmarks/run.py                         # all of them (about 10 minutes on an idle 2-core CPU)
     python benchmarks/run.py --quick                 # fewer steps and variants (a smoke run)
     python benchmarks/run.py --only chunked_memory   # one benchmark; its own flags may follow:
     python benchmarks/run.py --only minimal_loop --batch-size 32 --steps 50
