@@ -27,17 +27,16 @@ from pydantic import ValidationError
 
 from tadistill.config import DistillConfig
 from tadistill.data.prepare import heldout_texts, prepare_corpus
-from tadistill.errors import ConfigError, RunDirError, TadistillError
+from tadistill.errors import ConfigError, TadistillError
 from tadistill.evaluation.fidelity import TeacherEmbeddings
 from tadistill.fileio import atomic_write_text
 from tadistill.resolve import resolve_config
 from tadistill.study.config import StudyConfig
+from tadistill.study.studydir import _prepare_study_dir, read_status, write_status
 from tadistill.training.lane import SHARED_TRAIN_FIELDS, Lane, build_lane
 from tadistill.training.loop import TokenizerInfo, Trainer
 from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, load_teacher, new_accelerator, start_cosine
 from tadistill.training.rundir import RunDir
-
-STUDY_FILE = "study.yaml"
 
 
 @dataclass
@@ -101,59 +100,6 @@ def expand_cells(study: StudyConfig) -> list[Cell]:
             except TadistillError as exc:
                 cells.append(Cell(name, method.name, shape.name, None, str(exc)))
     return cells
-
-
-# ------------------------------------------------------------------------------------------ status
-
-
-def _status_path(out: Path, cell: str) -> Path:
-    return out / "cells" / cell / "status.json"
-
-
-def read_status(out: Path, cell: str) -> dict[str, Any]:
-    path = _status_path(out, cell)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"state": "new"}
-
-
-def write_status(out: Path, cell: str, state: str, **extra: Any) -> None:
-    atomic_write_text(_status_path(out, cell), json.dumps({"state": state, **extra}, indent=2))
-
-
-def _comparable(study: dict) -> dict:
-    """A study as compared on --resume: re-validated (so fields added with defaults since it was written
-    compare equal), and without train.stop_at (which only splits the pass into jobs)."""
-    study = StudyConfig.model_validate(study).model_dump(mode="json")
-    study["train"].pop("stop_at", None)
-    return study
-
-
-def _prepare_study_dir(study: StudyConfig, out: Path, *, resume: bool, overwrite: bool, create: bool = True) -> None:
-    """Refuse an --out that cannot take this study; with ``create``, then write it (study.yaml).
-
-    Under several processes every one checks (so that all refuse alike) and only the main one creates.
-    """
-    path = out / STUDY_FILE
-    resolved = yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other: pass one of them")
-    if path.is_file():
-        if resume:
-            if _comparable(yaml.safe_load(path.read_text(encoding="utf-8"))) != _comparable(yaml.safe_load(resolved)):
-                raise RunDirError(f"cannot resume {out}: it holds a different study; choose another --out")
-            if create:
-                atomic_write_text(path, resolved)
-            return
-        if not overwrite:
-            raise RunDirError(f"{out} already holds a study: pass --resume to continue it, --overwrite to replace it")
-        if create:
-            shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise RunDirError(f"--out {out} exists and is not a tadistill study: choose another directory")
-    elif resume:
-        raise RunDirError(f"nothing to resume in {out}: it holds no study")
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, resolved)
 
 
 # ------------------------------------------------------------------------------------------- train
