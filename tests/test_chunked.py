@@ -126,6 +126,33 @@ def test_callable_teacher_and_callable_output_layer():
     assert teacher_head.weight.grad is None  # the teacher is called under no_grad
 
 
+@pytest.mark.parametrize("kind, options", [("reverse-kl", {}), ("jsd", {"beta": 1.0})])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_a_row_the_teacher_excludes_is_inf_with_finite_gradients_chunked(kind, options, chunk_size):
+    """Issue 10: teacher -inf (masked vocabulary) at one position. The value is +inf, every gradient is finite
+    and equals the plain loss's, and the other positions' hidden-state gradients are those without that row."""
+    hidden, head, teacher = setup(seed=11)
+    mask = padding_mask()
+    teacher[0, 3, [1, 8, 20]] = float("-inf")
+    options = dict(kind=kind, **options)
+    chunked = loss_and_grads(
+        lambda: chunked_logit_divergence(hidden, head, teacher, mask, chunk_size=chunk_size, **options), hidden, head
+    )
+    plain = loss_and_grads(lambda: logit_divergence(head(hidden), teacher, mask, **options), hidden, head)
+    assert chunked[0].item() == plain[0].item() == float("inf")
+    for got, want in zip(chunked[1:], plain[1:]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert chunked[1][0, 3].abs().sum() > 0  # the excluded row still teaches something
+    others = mask.clone()
+    others[0, 3] = False
+    without = loss_and_grads(
+        lambda: chunked_logit_divergence(hidden, head, teacher, others, chunk_size=chunk_size, **options), hidden, head
+    )
+    assert torch.isfinite(without[0])
+    torch.testing.assert_close(chunked[1][others], without[1][others], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_all_masked_gives_zero_and_zero_gradients(kind):
     hidden, head, teacher = setup(seed=7)

@@ -230,17 +230,66 @@ def test_minus_inf_logits_give_no_nan(kind, side):
     s = (s0.masked_fill(blocked, float("-inf")) if side != "teacher" else s0).requires_grad_(True)
     t = t0.masked_fill(blocked, float("-inf")) if side != "student" else t0
     loss = logit_divergence(s, t, mask, kind=kind)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
     if (side, kind) in {("teacher", "reverse-kl"), ("student", "forward-kl")}:
-        # The student (teacher) puts mass where the other side has none: the true value is +inf, not NaN.
+        # The student (teacher) puts mass where the other side has none: the true value is +inf, not NaN,
+        # and the gradient stays finite.
         assert loss.item() == math.inf
         return
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert torch.isfinite(loss)
     if side == "both":
         # Blocked columns are simply absent from both distributions.
         keep = ~blocked
         torch.testing.assert_close(loss, logit_divergence(s0[..., keep], t0[..., keep], mask, kind=kind))
         assert (s.grad[..., blocked] == 0).all()
+
+
+REVERSE_ENDPOINTS = [("reverse-kl", {}), ("jsd", {"beta": 1.0}), ("skew-reverse-kl", {"alpha": 0.0})]
+
+
+@pytest.mark.parametrize("kind, options", REVERSE_ENDPOINTS)
+@pytest.mark.parametrize("teacher_topk", [None, 1])
+def test_a_row_the_teacher_excludes_is_inf_with_a_finite_gradient_that_spares_other_rows(kind, options, teacher_topk):
+    """Issue 10: one position where the teacher gives -inf to tokens the student likes (a masked vocabulary).
+
+    Its value is +inf; its gradient is finite and pushes the student off the excluded tokens; every other
+    row's gradient is exactly what it is without that row. teacher_topk = 1 with a one-token teacher
+    support makes the "rest" bucket -inf, the same case after collapsing.
+    """
+    s0, t, mask = randn(B, T, V, seed=40), randn(B, T, V, seed=41), padding_mask()
+    excluded = [0, 3, 7] if teacher_topk is None else [v for v in range(V) if v != 5]
+    t[1, 2, excluded] = float("-inf")  # one valid position
+    s = s0.clone().requires_grad_(True)
+    loss = logit_divergence(s, t, mask, kind=kind, teacher_topk=teacher_topk, **options)
+    loss.backward()
+    assert loss.item() == math.inf
+    assert torch.isfinite(s.grad).all()
+    bad = s.grad[1, 2]
+    assert (bad[excluded] > 0).all()  # raising an excluded token's logit raises the loss
+    assert bad.abs().sum() > 0
+    others = mask.clone()
+    others[1, 2] = False
+    s_ref = s0.clone().requires_grad_(True)
+    ref = logit_divergence(s_ref, t, others, kind=kind, teacher_topk=teacher_topk, **options)
+    ref.backward()
+    assert math.isfinite(ref.item())
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 2] = False
+    assert torch.equal(s.grad[keep], s_ref.grad[keep])
+
+
+@pytest.mark.parametrize("kind, options", REVERSE_ENDPOINTS)
+def test_excluded_tokens_the_student_also_excludes_keep_the_value_finite(kind, options):
+    """Where both sides give -inf the entry is absent: finite value, zero gradient on it, no NaN."""
+    s, t, mask = randn(B, T, V, seed=43), randn(B, T, V, seed=44), padding_mask()
+    t[0, 1, [2, 4]] = float("-inf")
+    s[0, 1, [2, 4]] = float("-inf")
+    s.requires_grad_(True)
+    loss = logit_divergence(s, t, mask, kind=kind, **options)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert torch.isfinite(s.grad).all() and (s.grad[0, 1, [2, 4]] == 0).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)

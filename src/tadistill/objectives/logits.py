@@ -79,15 +79,39 @@ def _log_mix(log_a: Tensor, w_a: float, log_b: Tensor, w_b: float, both_zero: Te
     return torch.logsumexp(terms.masked_fill(both_zero, 0.0), dim=0)  # (..., V)
 
 
+def _reverse_kl(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """(..., V) log-probabilities, student Q and teacher P (a constant) -> (...) KL(Q || P), +inf-safe in backward.
+
+    Where Q puts mass on a token that P excludes (log p = -inf, a masked vocabulary entry), the true value
+    is +inf and is returned as such. Its true gradient is not finite either: log_softmax's backward would
+    form inf - inf = NaN across the whole row, and the NaN would reach the shared weights and every other
+    row of the step. So the gradient of such a row is the gradient of the same KL with the excluded
+    entries' log p raised to log(tiny), the log of the smallest normal probability of the dtype (-87.3 in
+    float32): finite, and it pushes the student's mass off the excluded tokens. Rows without such an
+    entry are computed exactly as before, bit for bit. ``log_p`` is overwritten (callers pass a fresh
+    tensor): one (..., V) copy less at a 150k vocabulary.
+    """
+    with torch.no_grad():
+        excluded = torch.isneginf(log_p)  # (..., V)
+        infinite = (excluded & (log_q.detach().exp() > 0)).any(dim=-1)  # (...): rows whose KL is +inf (as _kl sees q)
+        log_p.masked_fill_(excluded, math.log(torch.finfo(log_p.dtype).tiny))
+        # Adding a constant leaves the gradient alone: +inf where the true value is +inf, 0 elsewhere.
+        offset = torch.zeros_like(infinite, dtype=log_p.dtype).masked_fill_(infinite, float("inf"))
+    return _kl(log_q, log_p) + offset
+
+
 def _divergence_from_log_probs(log_q: Tensor, log_p: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
-    """(..., K) normalised float32 log-probabilities, student Q and teacher P (a constant) -> (...) divergence."""
+    """(..., K) normalised float32 log-probabilities, student Q and teacher P (a constant) -> (...) divergence.
+
+    ``log_p`` is a fresh tensor that may be overwritten (the reverse-KL endpoints do so).
+    """
     # The generalized divergences are evaluated at their endpoints exactly, not through the mixture:
     # JSD(0) = KL(P||Q) and JSD(1) = KL(Q||P) (GKD, Agarwal et al. 2024, eq. 1 at its endpoints); SKL_0 = KL(P||Q),
     # SRKL_0 = KL(Q||P) (DistiLLM, Ko et al. 2024; methods.md section 8).
     if kind == "forward-kl" or (kind == "jsd" and beta == 0.0) or (kind == "skew-kl" and alpha == 0.0):
         return _kl(log_p, log_q)
     if kind == "reverse-kl" or (kind == "jsd" and beta == 1.0) or (kind == "skew-reverse-kl" and alpha == 0.0):
-        return _kl(log_q, log_p)
+        return _reverse_kl(log_q, log_p)
     if kind == "tvd":
         # abs has gradient 0 at 0 (sign), so identical distributions give a zero gradient, not a NaN.
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
@@ -135,9 +159,10 @@ def token_divergence(
     Returns:
         (...) float32 (float64 for float64 inputs, e.g. gradcheck), one divergence per position (nats).
         Every row needs at least one finite logit on each side; rows that are entirely -inf (padding)
-        must be dropped by the caller, as ``logit_divergence`` does. "reverse-kl" is +inf where the
-        student puts mass on a token the teacher gives -inf (that is its true value); "jsd", "skew-*"
-        and "tvd" stay finite there.
+        must be dropped by the caller, as ``logit_divergence`` does. "reverse-kl" (and its endpoints
+        jsd(beta = 1), skew-reverse-kl(alpha = 0)) is +inf where the student puts mass on a token the
+        teacher gives -inf (that is its true value), with a finite gradient (see ``_reverse_kl``);
+        "jsd", "skew-*" and "tvd" stay finite there.
     """
     check_divergence_options(kind, temperature, beta, alpha)
     if student_logits.shape != teacher_logits.shape:
