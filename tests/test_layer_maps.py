@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tadistill.errors import ConfigError
-from tadistill.objectives.layer_maps import STRATEGIES, layer_map
+from tadistill.objectives.layer_maps import STRATEGIES, TABLE_SHAPES, layer_map, pairs_table
+
+METHODS_MD = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
 # (num_teacher, num_student) -> expected pairs, per strategy; hidden-state indices, 0 = embeddings.
 EXPECTED = {
@@ -66,12 +70,19 @@ def test_tinybert_rule_is_uniform_with_embeddings():
 def test_non_divisible_depths():
     # 12 -> 5: floor(12 i / 5) = 2, 4, 7, 9, 12.
     assert layer_map("uniform", 5, 12) == [(1, (2,)), (2, (4,)), (3, (7,)), (4, (9,)), (5, (12,))]
-    # k = ceil(12 / 5) = 3 covers the teacher with four student layers; student layer 5 is dropped.
-    assert layer_map("uniform-cons", 5, 12) == [(1, (1, 2, 3)), (2, (4, 5, 6)), (3, (7, 8, 9)), (4, (10, 11, 12))]
-    # 12 -> 8: k = 2 and blocks are clipped at 12, students 7 and 8 get nothing.
-    expected = [(1, (1, 2)), (2, (3, 4)), (3, (5, 6)), (4, (7, 8)), (5, (9, 10)), (6, (11, 12))]
-    assert layer_map("uniform-cons", 8, 12) == expected
-    assert layer_map("uniform+last", 5, 12)[0] == (1, (2, 8))
+    # Issue 10: the paper's k = ceil(12 / 5) = 3 left student 5 without a teacher block. Groups end at the
+    # uniform targets instead, so every student block gets one and every teacher block is used once.
+    assert layer_map("uniform-cons", 5, 12) == [
+        (1, (1, 2)), (2, (3, 4)), (3, (5, 6, 7)), (4, (8, 9)), (5, (10, 11, 12))
+    ]
+    # 12 -> 8 (ceil gave students 7 and 8 nothing): floor(12 i / 8) = 1, 3, 4, 6, 7, 9, 10, 12.
+    assert layer_map("uniform-cons", 8, 12) == [
+        (1, (1,)), (2, (2, 3)), (3, (4,)), (4, (5, 6)), (5, (7,)), (6, (8, 9)), (7, (10,)), (8, (11, 12))
+    ]
+    # uniform+last: uniform's target and Patient KD's "last L_S blocks" target 12 - 5 + i = 8..12.
+    assert layer_map("uniform+last", 5, 12) == [
+        (1, (2, 8)), (2, (4, 9)), (3, (7, 10)), (4, (9, 11)), (5, (12, 12))
+    ]
     # Equal depths: the identity.
     assert layer_map("uniform", 3, 3) == [(1, (1,)), (2, (2,)), (3, (3,))]
     assert layer_map("uniform-cons", 3, 3) == [(1, (1,)), (2, (2,)), (3, (3,))]
@@ -151,3 +162,31 @@ def test_student_deeper_than_teacher_and_bad_counts():
 
 def test_every_strategy_is_covered():
     assert set(STRATEGIES) == set(EXPECTED) | {"explicit"}
+
+
+@pytest.mark.parametrize("num_teacher", range(1, 26))
+def test_every_student_block_gets_a_target_and_uniform_cons_uses_each_teacher_block_once(num_teacher):
+    for num_student in range(1, num_teacher + 1):
+        cons = layer_map("uniform-cons", num_student, num_teacher)
+        uniform = layer_map("uniform", num_student, num_teacher)
+        assert [s for s, _ in cons] == list(range(1, num_student + 1))
+        flat = [t for _, ts in cons for t in ts]
+        assert flat == list(range(1, num_teacher + 1))  # consecutive groups, in order, each block once
+        assert [ts[-1] for _, ts in cons] == [ts[0] for _, ts in uniform]  # a group ends at uniform's target
+        sizes = {len(ts) for _, ts in cons}
+        assert max(sizes) - min(sizes) <= 1  # as even as the depths allow
+        plus_last = layer_map("uniform+last", num_student, num_teacher)
+        assert [s for s, _ in plus_last] == list(range(1, num_student + 1))
+        assert [ts[1] for _, ts in plus_last] == list(range(num_teacher - num_student + 1, num_teacher + 1))
+
+
+def test_methods_md_table_is_the_code_output():
+    """docs/methods.md writes the pairs out for 12->6, 12->5, 12->4, 24->6; they must be what the code gives."""
+    assert TABLE_SHAPES == ((12, 6), (12, 5), (12, 4), (24, 6))
+    doc = METHODS_MD.read_text(encoding="utf-8")
+    start, end = "<!-- layer-map-table: start -->\n", "\n<!-- layer-map-table: end -->"
+    assert start in doc and end in doc
+    assert doc.split(start, 1)[1].split(end, 1)[0] == pairs_table()
+    # The table holds the hand-checked pairs of this file (not only whatever the code prints).
+    assert "| 12 -> 5 | 5 | 12 | 12 | 10, 11, 12 | 12, 12 |" in doc
+    assert "| 24 -> 6 | 1 | - | 4 | 1, 2, 3, 4 | 4, 19 |" in doc

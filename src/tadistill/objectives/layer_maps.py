@@ -7,7 +7,6 @@ Indices follow Hugging Face ``output_hidden_states``: 0 = embeddings output, i =
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from tadistill.errors import ConfigError, did_you_mean
@@ -81,13 +80,21 @@ def layer_map(
             - "uniform" (1-to-1): student i -> teacher floor(i L_T / L_S), i.e. i k when k = L_T / L_S is
               an integer. TinyBERT's rule "student layer i (0-based) <- teacher layer i k + k - 1" is the
               same mapping written in 0-based block numbering (0-based block i is hidden state i + 1).
-            - "uniform-cons" (1-to-N): k = ceil(L_T / L_S); student i -> every teacher block in
-              (k (i - 1), k i] clipped to L_T, so every teacher block is used once. When L_S does not
-              divide L_T, trailing student blocks can be left with no teacher block (12 -> 5: k = 3 and
-              student 5 would get (12, 15]); such student blocks are dropped from the result.
-            - "uniform+last" (1-to-N): student i -> (floor(i L_T / L_S), L_T - L_S + i), always two
-              entries, equal for the last student block (kept: with one MSE term per entry the last
-              block weighs twice, and a concatenated target keeps its fixed width 2 d_T).
+            - "uniform-cons" (1-to-N, consecutive): student i -> every teacher block in
+              (floor((i - 1) L_T / L_S), floor(i L_T / L_S)]. The L_T teacher blocks are cut into L_S
+              consecutive groups, every teacher block is used exactly once, every student block gets at
+              least one (L_S <= L_T), and group i ends at the "uniform" target of student i. When L_S
+              divides L_T this is the paper's (k (i - 1), k i], k = L_T / L_S. The paper's k =
+              ceil(L_T / L_S) for other depths is not used: it leaves trailing student blocks with no
+              teacher block at all (12 -> 5: k = 3, student 5 would get (12, 15]; 12 -> 8: students 7
+              and 8), although the point of the mapping is that every block takes part.
+            - "uniform+last" (1-to-N): student i -> (floor(i L_T / L_S), L_T - L_S + i), the union of
+              "uniform" and Patient KD's "last" rule (Sun et al. 2019, PKD-Last: the student's blocks
+              learn from the teacher's top L_S blocks in order), as the comparative study defines it.
+              This "last" is not the single pair of the "last" strategy above: that would give every
+              student block the same target L_T. Always two entries, equal for the last student block
+              (kept: with one MSE term per entry the last block weighs twice, as the formula reads, and
+              a concatenated target keeps its fixed width 2 d_T).
             - "explicit": ``explicit`` is either a list of L_S teacher indices (student i ->
               explicit[i - 1]) or a list of [student, teacher] pairs, teacher an index or a list of
               indices; a student index listed twice collects all its teachers. Index 0 = embeddings.
@@ -124,12 +131,8 @@ def layer_map(
     elif strategy == "uniform":
         pairs = [(i, (i * l_t // l_s,)) for i in range(1, l_s + 1)]
     elif strategy == "uniform-cons":
-        k = math.ceil(l_t / l_s)
-        pairs = []
-        for i in range(1, l_s + 1):
-            block = tuple(range(k * (i - 1) + 1, min(k * i, l_t) + 1))
-            if block:  # empty when k (i - 1) >= L_T: nothing left to distill into this student block
-                pairs.append((i, block))
+        # Group i = (floor((i-1) L_T / L_S), floor(i L_T / L_S)]: never empty, since L_T / L_S >= 1.
+        pairs = [(i, tuple(range((i - 1) * l_t // l_s + 1, i * l_t // l_s + 1))) for i in range(1, l_s + 1)]
     elif strategy == "uniform+last":
         pairs = [(i, (i * l_t // l_s, l_t - l_s + i)) for i in range(1, l_s + 1)]
     else:
@@ -144,3 +147,25 @@ def layer_map(
             )
         pairs = [(0, (0,)), *pairs]
     return pairs
+
+
+TABLE_SHAPES = ((12, 6), (12, 5), (12, 4), (24, 6))  # (L_T, L_S) pairs written out in docs/methods.md
+
+
+def pairs_table(shapes: Sequence[tuple[int, int]] = TABLE_SHAPES) -> str:
+    """The Markdown table of docs/methods.md: one row per student block, one column per strategy.
+
+    A cell lists the teacher hidden states of that student block (a repeated one is listed twice), "-"
+    for none. tests/test_layer_maps.py checks that the document holds exactly this text.
+    """
+    strategies = [s for s in STRATEGIES if s != "explicit"]
+    lines = [
+        "| L_T -> L_S | student | " + " | ".join(f"`{s}`" for s in strategies) + " |",
+        "|---|---|" + "---|" * len(strategies),
+    ]
+    for l_t, l_s in shapes:
+        maps = {s: dict(layer_map(s, l_s, l_t)) for s in strategies}
+        for i in range(1, l_s + 1):
+            cells = [", ".join(map(str, maps[s].get(i, ()))) or "-" for s in strategies]
+            lines.append(f"| {l_t} -> {l_s} | {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
