@@ -202,6 +202,59 @@ def test_fingerprint_changes_with_content(tmp_path) -> None:
     assert source_fingerprint("user/set") != source_fingerprint("user/set", text_field="body")
 
 
+# ---------------------------------------------------------------- readers (shared by corpus and prompt data)
+
+
+def test_corpus_and_prompt_data_read_the_same_records(tmp_path) -> None:
+    from tadistill.data.prompts import load_pairs
+    from tadistill.data.readers import DataKind, Field, read_records
+
+    rows = [{"prompt": " Q1", "completion": " A1", "text": " T1 "}, {"prompt": "Q2", "completion": "A2", "text": "T2"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (tmp_path / "b.csv").write_text("prompt,completion,text\nQ3,A3,T3\nQ4\n", encoding="utf-8")
+    kind = DataKind("test data", (".jsonl", ".csv"), "check it")
+    fields = [Field("prompt", "p"), Field("completion", "c")]
+    assert list(read_records(str(tmp_path), kind, fields)) == [
+        {"prompt": " Q1", "completion": " A1"}, {"prompt": "Q2", "completion": "A2"},
+        {"prompt": "Q3", "completion": "A3"}, {"prompt": "Q4", "completion": ""},  # a short csv row gives ""
+    ]
+    # One folder, two readings: the corpus strips its field, the pairs keep whitespace and drop blank ones.
+    assert load_texts(str(tmp_path)) == ["T1", "T2", "T3"]
+    assert load_pairs(str(tmp_path)) == [(" Q1", " A1"), ("Q2", "A2"), ("Q3", "A3")]
+    with pytest.raises(ValueError, match="no reader"):
+        DataKind("bad", (".xml",), "")
+
+
+def test_readers_refuse_what_is_not_text(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tadistill.data.readers import DataKind, Field, read_records
+
+    # A corpus column of numbers is an error naming the column, not a silently shorter corpus.
+    pq.write_table(pa.table({"text": ["a", None], "n": [1, 2]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet' column 'n' holds int values, not text: set the text field"):
+        load_texts(str(tmp_path / "t.parquet"), text_field="n")
+    assert load_texts(str(tmp_path / "t.parquet")) == ["a"]  # nulls are dropped
+    (tmp_path / "p.txt").write_text("plain", encoding="utf-8")
+    two = [Field("prompt", "p"), Field("completion", "c")]
+    with pytest.raises(DataError, match="plain text, without fields"):
+        list(read_records(str(tmp_path / "p.txt"), DataKind("x", (".txt",), ""), two))
+
+
+def test_prompt_data_fingerprint_follows_its_own_files(tmp_path) -> None:
+    from tadistill.data.prompts import pairs_fingerprint
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n", encoding="utf-8")
+    first = pairs_fingerprint(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("not prompt data", encoding="utf-8")
+    assert pairs_fingerprint(str(tmp_path)) == first  # a file the prompt data never reads
+    assert source_fingerprint(str(tmp_path), text_field="prompt+completion") != first  # the corpus reads it
+    (tmp_path / "b.csv").write_text("prompt,completion\nq,c\n", encoding="utf-8")
+    assert pairs_fingerprint(str(tmp_path)) != first
+    assert pairs_fingerprint(str(tmp_path), completion_field="answer") != pairs_fingerprint(str(tmp_path))
+
+
 # ---------------------------------------------------------------- tokenization
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from tadistill.config import DataConfig
-from tadistill.data.prompts import load_pairs, split_prompts, tokenize_pairs
+from tadistill.data.prompts import load_pairs, pairs_fingerprint, split_prompts, tokenize_pairs
 from tadistill.data.sources import load_texts, source_fingerprint
 from tadistill.data.tokenized import CorpusSplits, split_texts, tokenize_corpus
 from tadistill.errors import ConfigError
@@ -34,8 +34,10 @@ def prepare_corpus(dc: DataConfig, tokenizer, *, seed: int, max_positions: int |
             part = load_pairs(source, prompt_field=dc.prompt_field, completion_field=dc.completion_field,
                               split=dc.split)
             pairs += part[: dc.max_texts] if dc.max_texts else part
-        fields = f"{dc.prompt_field}+{dc.completion_field}"
-        fingerprint = "|".join(source_fingerprint(s, text_field=fields, split=dc.split) for s in sources)
+        fingerprint = "|".join(
+            pairs_fingerprint(s, prompt_field=dc.prompt_field, completion_field=dc.completion_field, split=dc.split)
+            for s in sources
+        )
         return tokenize_pairs(pairs, tokenizer, max_length=dc.max_length, heldout_fraction=dc.heldout_fraction,
                               seed=seed, cache_dir=cache_dir, fingerprint=f"pairs|{fingerprint}|{dc.max_texts}")
 

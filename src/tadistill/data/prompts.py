@@ -9,12 +9,12 @@ on-policy steps replace the dataset completion by one the student samples. Two w
 Both give a :class:`~tadistill.data.tokenized.SequenceSet` with ``prompt_lengths`` set. A pair source
 is a ``.jsonl`` (one JSON object per line), ``.parquet`` or ``.csv`` file, a folder of them (read
 recursively, in sorted path order, hidden files skipped), or a Hugging Face dataset name, optionally
-``"name:config"``. Mistakes raise :class:`~tadistill.errors.DataError` with a one-line message.
+``"name:config"``, all read by :mod:`tadistill.data.readers` (shared with the corpus). Mistakes raise
+:class:`~tadistill.errors.DataError` with a one-line message.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tadistill.data.sources import BUILTIN, _short, data_files, jsonl_records
+from tadistill.data.readers import DataKind, Field, fingerprint, read_records
+from tadistill.data.sources import BUILTIN
 from tadistill.data.tokenized import (
     _TOKENIZE_BATCH,
     CorpusSplits,
@@ -37,6 +38,7 @@ from tadistill.data.tokenized import (
 from tadistill.errors import ConfigError, DataError
 
 PAIR_SUFFIXES = (".jsonl", ".parquet", ".csv")
+PROMPT_DATA = DataKind("prompt data", PAIR_SUFFIXES, "check data.source")
 # Held-out pairs are split by a hash of prompt + this + completion; NUL never occurs in real text,
 # so ("a b", "c") and ("a", "b c") hash differently.
 _KEY_JOIN = "\0"
@@ -51,20 +53,13 @@ def load_pairs(
     completion is blank, or null in a .parquet / hub column, are dropped. ``split`` is used for hub
     datasets only. Raises DataError when the source cannot be read, lacks a field, or holds no pair.
     """
-    fields = (prompt_field, completion_field)
     if source == BUILTIN:
         raise DataError(
             "there is no built-in prompt / completion data: point data.source at .jsonl/.parquet/.csv files "
             "or a hub dataset, or use data.prompt_tokens with plain text"
         )
-    path = Path(source).expanduser()
-    if path.exists():
-        pairs = [pair for file in _pair_files(source, path) for pair in _read_file(file, fields)]
-    elif source.startswith(("/", "./", "../", "~", "\\")) or source.lower().endswith(PAIR_SUFFIXES):
-        # Plainly a path, not a hub name: fail here instead of asking the hub about "./pairs.jsonl".
-        raise DataError(f"prompt data {source!r} not found: no such file or folder; check data.source")
-    else:
-        pairs = _load_hub(source, fields, split=split)
+    records = read_records(source, PROMPT_DATA, _fields(prompt_field, completion_field), split=split)
+    pairs = [(r[prompt_field], r[completion_field]) for r in records]
     pairs = [(p, c) for p, c in pairs if isinstance(p, str) and isinstance(c, str) and p.strip() and c.strip()]
     if not pairs:
         raise DataError(
@@ -72,6 +67,13 @@ def load_pairs(
             "point data.source at other data or set data.prompt_field / data.completion_field"
         )
     return pairs
+
+
+def pairs_fingerprint(
+    source: str, *, prompt_field: str = "prompt", completion_field: str = "completion", split: str = "train"
+) -> str:
+    """A cheap hex sha256 that changes when the pairs ``load_pairs`` would give change (see readers.fingerprint)."""
+    return fingerprint(source, PROMPT_DATA, _fields(prompt_field, completion_field), split=split)
 
 
 def tokenize_pairs(
@@ -210,95 +212,5 @@ def _join(prompt: str, completion: str) -> str:
     return f"{prompt} {completion}"
 
 
-def _pair_files(source: str, path: Path) -> list[Path]:
-    """The pair files of a file or folder source, sorted by path."""
-    return data_files(source, path, PAIR_SUFFIXES, what="prompt data")
-
-
-def _read_file(path: Path, fields: tuple[str, str]) -> list[tuple[Any, Any]]:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path, fields)
-        if suffix == ".parquet":
-            return _read_parquet(path, fields)
-        return _read_csv(path, fields)
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
-        raise DataError(
-            f"cannot read prompt data file '{path}' ({_short(exc)}): check that it is a valid, UTF-8 {suffix} file"
-        ) from exc
-
-
-def _missing(where: str, field: str, fields: tuple[str, str], present: list[str] | None = None) -> DataError:
-    """The error for a missing field; it names the config key that selects it."""
-    key = "data.prompt_field" if field == fields[0] else "data.completion_field"
-    found = "" if present is None else f" (columns: {', '.join(present)})"
-    return DataError(f"{where} has no column {field!r}{found}: set {key} to the right one")
-
-
-def _read_jsonl(path: Path, fields: tuple[str, str]) -> list[tuple[Any, Any]]:
-    pairs: list[tuple[Any, Any]] = []
-    for number, record in jsonl_records(path, what="prompt data"):
-        for field in fields:
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                key = "data.prompt_field" if field == fields[0] else "data.completion_field"
-                raise DataError(
-                    f"prompt data file '{path}' line {number} has no string field {field!r}: "
-                    f"give every line that field or set {key} to the right key"
-                )
-        pairs.append((record[fields[0]], record[fields[1]]))
-    return pairs
-
-
-def _read_parquet(path: Path, fields: tuple[str, str]) -> list[tuple[Any, Any]]:
-    import pyarrow.parquet as pq  # installed with `datasets`; imported lazily, it is slow to import
-
-    names = pq.read_schema(path).names
-    for field in fields:
-        if field not in names:
-            raise _missing(f"prompt data file '{path}'", field, fields, names)
-    table = pq.read_table(path, columns=list(fields))
-    return _checked_rows(f"prompt data file '{path}'", table.column(fields[0]).to_pylist(),
-                         table.column(fields[1]).to_pylist(), fields)
-
-
-def _read_csv(path: Path, fields: tuple[str, str]) -> list[tuple[Any, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        names = list(reader.fieldnames or [])
-        for field in fields:
-            if field not in names:
-                raise _missing(f"prompt data file '{path}'", field, fields, names)
-        return [(row[fields[0]] or "", row[fields[1]] or "") for row in reader]
-
-
-def _load_hub(source: str, fields: tuple[str, str], *, split: str) -> list[tuple[Any, Any]]:
-    name, _, config = source.partition(":")
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(name, config or None, split=split)
-    except Exception as exc:  # any failure (offline, unknown name, bad config) means "not found"
-        raise DataError(
-            f"prompt data {source!r} not found: it is not a local file or folder and the Hugging Face hub "
-            f"could not load it ({_short(exc)})"
-        ) from exc
-    for field in fields:
-        if field not in dataset.column_names:
-            raise _missing(f"dataset {source!r}", field, fields, list(dataset.column_names))
-    return _checked_rows(f"dataset {source!r}", dataset[fields[0]], dataset[fields[1]], fields)
-
-
-def _checked_rows(where: str, prompts: list, completions: list, fields: tuple[str, str]) -> list[tuple[Any, Any]]:
-    """Zip two columns; nulls pass (dropped later), other non-text values (chat message lists) are errors."""
-    for field, column in zip(fields, (prompts, completions)):
-        bad = next((v for v in column if v is not None and not isinstance(v, str)), None)
-        if bad is not None:
-            key = "data.prompt_field" if field == fields[0] else "data.completion_field"
-            raise DataError(
-                f"{where} column {field!r} holds {type(bad).__name__} values, not text: "
-                f"set {key} to a text column (conversational data must be rendered to text first)"
-            )
-    return list(zip(prompts, completions))
+def _fields(prompt_field: str, completion_field: str) -> list[Field]:
+    return [Field(prompt_field, "data.prompt_field"), Field(completion_field, "data.completion_field")]
