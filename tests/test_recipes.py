@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import typing
 from importlib import resources
 
@@ -53,5 +54,19 @@ def test_recipe_runs_two_steps(name, tiny_args, tmp_path, request):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    assert all(r["loss"] == r["loss"] and r["loss"] >= 0 for r in steps)  # finite, not NaN
+    assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in steps)  # neither NaN nor inf
+    assert all(math.isfinite(v) for r in steps for k, v in r.items() if k.startswith("loss/"))
     assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_distilbert_distils_every_token_unless_restricted_to_the_mask():
+    """The original DistilBERT script computes the soft-target loss over every non-padding token
+    (restrict_ce_to_mask off by default); positions=masked stays available."""
+    def output_kl(config):
+        (term,) = [o for o in config.objectives if o.kind == "output-kl"]
+        return term
+
+    assert output_kl(resolve_config("distilbert")).positions == "all"
+    restricted = resolve_config("distilbert", overrides=["objectives.output-kl.positions=masked"])
+    assert output_kl(restricted).positions == "masked"
+    assert "restrict_ce_to_mask" in recipe_path("distilbert").read_text()
