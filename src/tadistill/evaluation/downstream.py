@@ -30,9 +30,9 @@ from torch.nn import functional as F
 from tadistill.capture.architectures import resolve_architecture
 from tadistill.capture.hooks import CaptureRequest, capture
 from tadistill.errors import ConfigError, DataError, ModelError
-from tadistill.evaluation.fidelity import mean_pool
 from tadistill.evaluation.metrics import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
 from tadistill.evaluation.tasks import TaskData, TaskSpec, load_task
+from tadistill.measure.embeddings import mean_pool
 
 MODES = ("probe", "finetune")
 
