@@ -1,17 +1,30 @@
 """Atomic file writes: readers see the old file or the new one, never half of one.
 
 Used for everything tadistill writes that a crash must not corrupt: run configs, metrics rewrites,
-checkpoint metadata and the tokenized-corpus cache.
+checkpoint metadata and the tokenized-corpus cache. Files get the user's umask (``tempfile.mkstemp``
+would make them 0600, so a run shared with a group would be unreadable to it).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+
+def _create_temporary(folder: Path, name: str) -> tuple[int, Path]:
+    """A new file in ``folder`` that no other writer can have opened; mode 0666 less the umask."""
+    while True:
+        path = folder / f".{name[:32]}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -19,7 +32,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path.parent, path.name)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
@@ -27,10 +40,39 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file left by ``atomic_open`` (a writer killed before its rename)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def sha256_of(path: Path, *, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (a folder's rename is durable only after this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems cannot fsync a folder; the rename is still atomic
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
