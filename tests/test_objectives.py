@@ -12,7 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from tadistill import config as C
+from tadistill.capture.architectures import resolve_architecture
+from tadistill.capture.hooks import Captured
 from tadistill.errors import ConfigError
 from tadistill.objectives import (
     attention_kl,
@@ -23,7 +27,9 @@ from tadistill.objectives import (
     mlm_cross_entropy,
     relation_kl,
     soft_target_kl,
+    value_relation_kl,
 )
+from tadistill.training.terms import MiniLMTerm, ModelOutputs
 
 B, T, V, H = 3, 7, 11, 4
 
@@ -417,6 +423,74 @@ def test_relation_kl_value_relation_equals_attention_kl_of_vv():
     torch.testing.assert_close(
         relation_kl(s, t, mask, relation_heads=H), attention_kl(scores(s, 8), scores(t, 12), mask)
     )
+
+
+def vv_scores(x: torch.Tensor, kv_heads: int, query_heads: int) -> torch.Tensor:
+    """(B, T, H_kv d) -> (B, H, T, T): V_g V_g^T / sqrt(d) of the value head g = a // (H / H_kv) of query head a."""
+    d = x.shape[-1] // kv_heads
+    heads = [x[..., g * d:(g + 1) * d] for g in range(kv_heads) for _ in range(query_heads // kv_heads)]
+    return torch.stack([v @ v.transpose(-1, -2) / math.sqrt(d) for v in heads], dim=1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_value_relation_pairs_the_value_heads_each_query_head_reads(causal):
+    """MiniLM's L_VR under grouped-query attention: teacher 4 query heads on 2 value heads, student 4 on 4."""
+    s, t, mask = randn(B, T, 4 * 6, seed=51), randn(B, T, 2 * 10, seed=52), padding_mask()
+    value = value_relation_kl(s, t, mask, num_heads=4, student_kv_heads=4, teacher_kv_heads=2, causal=causal)
+    ref = attention_kl(vv_scores(s, 4, 4), vv_scores(t, 2, 4), mask, causal=causal)
+    torch.testing.assert_close(value, ref)
+    # The former pairing split the teacher's 2 value heads of width 10 into 4 halves of width 5: another number.
+    split = relation_kl(s, t, mask, relation_heads=4, causal=causal)
+    assert abs(num(split) - num(value)) > 1e-3
+    # Equal key/value head counts: exactly relation_kl with A_r = H_kv (each pair counted H / H_kv times).
+    t4 = randn(B, T, 4 * 10, seed=53)
+    assert torch.equal(
+        value_relation_kl(s, t4, mask, num_heads=4, student_kv_heads=4, teacher_kv_heads=4, causal=causal),
+        relation_kl(s, t4, mask, relation_heads=4, causal=causal),
+    )
+    s2 = randn(B, T, 2 * 6, seed=54)
+    torch.testing.assert_close(
+        value_relation_kl(s2, t, mask, num_heads=4, student_kv_heads=2, teacher_kv_heads=2, causal=causal),
+        attention_kl(vv_scores(s2, 2, 4), vv_scores(t, 2, 4), mask, causal=causal),
+    )
+    with pytest.raises(ValueError, match="3 key/value heads, which must divide H=4"):
+        value_relation_kl(randn(B, T, 12), t, mask, num_heads=4, student_kv_heads=3, teacher_kv_heads=2)
+
+
+def tiny_llama(hidden: int, heads: int, kv_heads: int):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         intermediate_size=2 * hidden, num_hidden_layers=2, vocab_size=32, max_position_embeddings=16)
+    return resolve_architecture(LlamaForCausalLM(config))
+
+
+def test_minilm_term_with_a_grouped_query_teacher():
+    """A Llama-like GQA teacher (4 query heads, 2 key/value heads) and an MHA student (4 and 4)."""
+    teacher, student = tiny_llama(32, 4, 2), tiny_llama(16, 4, 4)
+    term = MiniLMTerm(C.MiniLM(), student, teacher)
+    mask = padding_mask()
+    q_s, k_s, v_s = randn(B, T, 16, seed=61), randn(B, T, 16, seed=62), randn(B, T, 16, seed=63)
+    q_t, k_t, v_t = randn(B, T, 32, seed=64), randn(B, T, 16, seed=65), randn(B, T, 16, seed=66)
+    outputs = [ModelOutputs(Captured(query={2: q}, key={2: k}, value={2: v})) for q, k, v in
+               ((q_s, k_s, v_s), (q_t, k_t, v_t))]
+    value = term(outputs[0], outputs[1], {"attention_mask": mask.long()})
+
+    def qk_scores(q, k, kv_heads):  # (B, H, T, T), query head a against key head a // (H / H_kv)
+        d = q.shape[-1] // 4
+        rows = [q[..., a * d:(a + 1) * d] @ k[..., (a // (4 // kv_heads)) * d:(a // (4 // kv_heads) + 1) * d]
+                .transpose(-1, -2) / math.sqrt(d) for a in range(4)]
+        return torch.stack(rows, dim=1)
+
+    attention = attention_kl(qk_scores(q_s, k_s, 4), qk_scores(q_t, k_t, 2), mask, causal=True)
+    relation = attention_kl(vv_scores(v_s, 4, 4), vv_scores(v_t, 2, 4), mask, causal=True)
+    torch.testing.assert_close(value, attention + relation)
+
+
+def test_minilm_refuses_unequal_query_heads_with_a_grouped_query_teacher():
+    with pytest.raises(ConfigError) as info:
+        MiniLMTerm(C.MiniLM(), tiny_llama(16, 2, 2), tiny_llama(32, 4, 2))
+    message = str(info.value)
+    assert message.startswith("minilm needs equal head counts (teacher 4, student 2)") and "\n" not in message
 
 
 def test_causal_future_teacher_tokens_do_not_touch_earlier_rows():

@@ -7,8 +7,8 @@ are treated as constants. Masks are bool (B, T), True = valid token.
 - divergence.py: kl_rows, the row-wise KL used by the others.
 - output.py: soft_target_kl (OD / DistilBERT), mlm_cross_entropy.
 - hidden.py: hidden_mse (HS, TinyBERT), hidden_cosine (DistilBERT).
-- attention.py: attention_kl (MiniLM), relation_kl (MiniLMv2, MiniLM's value relation),
-  attention_score_mse (TinyBERT).
+- attention.py: attention_kl (MiniLM), relation_kl (MiniLMv2), value_relation_kl (MiniLM's value
+  relation, per attention head under grouped-query attention), attention_score_mse (TinyBERT).
 - layer_maps.py: layer_map and its STRATEGIES.
 - logits.py: logit_divergence / token_divergence for causal LMs: forward / reverse KL, generalized
   JSD(beta) (GKD), skew forward / reverse KL (DistiLLM), total variation; top-k teacher, padded vocabularies.
@@ -17,7 +17,7 @@ are treated as constants. Masks are bool (B, T), True = valid token.
 
 from __future__ import annotations
 
-from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
+from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl, value_relation_kl
 from tadistill.objectives.chunked import chunked_logit_divergence
 from tadistill.objectives.divergence import kl_rows
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
@@ -41,4 +41,5 @@ __all__ = [
     "relation_kl",
     "soft_target_kl",
     "token_divergence",
+    "value_relation_kl",
 ]

@@ -185,6 +185,53 @@ def _relation_kl_float32(student_x: Tensor, teacher_x: Tensor, mask: Tensor, rel
     return per_row.masked_fill(~mask[:, None, :], 0.0).sum() / relation_heads
 
 
+def value_relation_kl(
+    student_v: Tensor,
+    teacher_v: Tensor,
+    mask: Tensor,
+    *,
+    num_heads: int,
+    student_kv_heads: int,
+    teacher_kv_heads: int,
+    causal: bool = False,
+) -> Tensor:
+    """MiniLM's value relation L_VR (MiniLM eq. 3-4, methods.md section 2), one relation per attention head.
+
+    MiniLM compares VR_a = softmax(V_a V_a^T / sqrt(d_k)) head by head, V_a the values attention head a
+    reads. Under grouped-query attention (Ainslie et al. 2023) query head a reads key/value head
+    a // (H / H_kv), so when the two models group their heads differently the value heads do not pair one
+    to one: teacher value head g_T(a) is compared with student value head g_S(a) for every query head a.
+    With equal key/value head counts the groups coincide and this is ``relation_kl`` with A_r = H_kv (the
+    mean over the H query heads repeats each pair H / H_kv times: the same value).
+
+    Args:
+        student_v: (B, T, H_kv,S d_S) concatenated value heads of the student.
+        teacher_v: (B, T, H_kv,T d_T) the teacher's (a constant).
+        mask: bool (B, T), True = valid token.
+        num_heads: H, the query-head count, equal in both models (the attention maps need it).
+        student_kv_heads, teacher_kv_heads: H_kv of each model; each must divide H.
+        causal: also block keys after the query (decoders).
+
+    Returns:
+        float32 scalar: sum over valid query rows of (1/H) sum_a KL(VR_T[g_T(a)] || VR_S[g_S(a)]).
+    """
+    for who, kv, x in (("student", student_kv_heads, student_v), ("teacher", teacher_kv_heads, teacher_v)):
+        if num_heads % kv or x.shape[-1] % kv:
+            raise ValueError(f"value_relation_kl: {who} has {kv} key/value heads, which must divide H={num_heads} "
+                             f"and its value width {x.shape[-1]}")
+    if student_kv_heads == teacher_kv_heads:
+        return relation_kl(student_v, teacher_v, mask, relation_heads=student_kv_heads, causal=causal)
+
+    def per_query_head(x: Tensor, kv: int) -> Tensor:
+        # (B, T, H_kv d) -> (B, T, H d): value head g is repeated for each of the H / H_kv query heads reading it.
+        return x.unflatten(-1, (kv, -1)).repeat_interleave(num_heads // kv, dim=-2).flatten(-2)
+
+    return relation_kl(
+        per_query_head(student_v, student_kv_heads), per_query_head(teacher_v.detach(), teacher_kv_heads), mask,
+        relation_heads=num_heads, causal=causal,
+    )
+
+
 def attention_score_mse(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, causal: bool = False
 ) -> Tensor:

@@ -23,7 +23,7 @@ from tadistill.capture.attention import attention_logits
 from tadistill.capture.hooks import Captured, CaptureRequest
 from tadistill.errors import ConfigError
 from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence, default_chunk_size
-from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl
+from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl, value_relation_kl
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
 from tadistill.objectives.layer_maps import layer_map
 from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on_policy_term
@@ -260,8 +260,11 @@ class MiniLMTerm(Term):
         scores_t = attention_logits(t.query[self.t_layer], t.key[self.t_layer], num_heads=h_t, num_kv_heads=kv_t)
         total = attention_kl(scores_s, scores_t, mask, causal=self.causal)
         if self.cfg.value_relation:
-            total = total + relation_kl(
-                s.value[self.s_layer], t.value[self.t_layer], mask, relation_heads=kv_s, causal=self.causal
+            # One value relation per attention head (h_s == h_t): under grouped-query attention the value
+            # heads the two models' query heads read need not pair one to one (value_relation_kl).
+            total = total + value_relation_kl(
+                s.value[self.s_layer], t.value[self.t_layer], mask, num_heads=h_s, student_kv_heads=kv_s,
+                teacher_kv_heads=kv_t, causal=self.causal,
             )
         return total
 
