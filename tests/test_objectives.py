@@ -29,7 +29,8 @@ from tadistill.objectives import (
     soft_target_kl,
     value_relation_kl,
 )
-from tadistill.training.terms import MiniLMTerm, ModelOutputs
+from tadistill.objectives.attention import relation_heads_hint, suggest_relation_heads
+from tadistill.training.terms import MiniLMTerm, MiniLMv2Term, ModelOutputs
 
 B, T, V, H = 3, 7, 11, 4
 
@@ -539,7 +540,8 @@ def test_attention_errors_are_config_errors():
         attention_kl(randn(B, 2, T, T), randn(B, 4, T, T), mask)
     with pytest.raises(ConfigError, match="equal head counts"):
         attention_score_mse(randn(B, 2, T, T), randn(B, 4, T, T), mask)
-    message = "relation_heads=48 must divide the student width 200 and teacher width 384: choose a common divisor"
+    message = ("relation_heads=48 must divide the student width 200 and teacher width 384: choose a common divisor "
+               "such as 8, 4 or 2")
     with pytest.raises(ConfigError) as info:
         relation_kl(randn(B, T, 200), randn(B, T, 384), mask, relation_heads=48)
     assert str(info.value) == message and "\n" not in message
@@ -547,6 +549,26 @@ def test_attention_errors_are_config_errors():
         relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=0)
     with pytest.raises(ConfigError, match="relation_heads=3 must divide"):
         relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=3)
+
+
+def test_relation_head_suggestions_divide_both_widths():
+    """Issue 10: the suggestion for a width-64 student of a 384-wide teacher was 12, which does not divide 64."""
+    assert suggest_relation_heads(64, 384) == [8, 4, 2]  # 64 and 32 divide too, but leave d_r = 1 or 2
+    assert suggest_relation_heads(384, 768) == [48, 32, 24]  # MiniLMv2's 48 for base-size teachers comes first
+    assert suggest_relation_heads(1024, 1024, 256) == [32, 16, 8]
+    assert suggest_relation_heads(6, 9) == [3, 1]  # too narrow for 8-wide heads: every common divisor
+    for widths in [(64, 384), (200, 384), (24, 32), (6, 9), (768, 1024, 256)]:
+        assert all(w % a == 0 for a in suggest_relation_heads(*widths) for w in widths)
+    assert relation_heads_hint(64, 384) == "8, 4 or 2" and relation_heads_hint(5, 7) == "1"
+
+
+def test_minilmv2_term_suggests_common_divisors_of_both_widths():
+    with pytest.raises(ConfigError) as info:
+        MiniLMv2Term(C.MiniLMv2(relation_heads=12), tiny_llama(64, 4, 4), tiny_llama(384, 4, 2))
+    assert str(info.value) == (
+        "relation_heads=12 must divide the student width 64: choose a common divisor of both models' widths "
+        "[64, 192, 384], such as 8, 4 or 2: --set objectives.minilmv2.relation_heads=8"
+    )
 
 
 def test_relation_kl_stays_float32_under_autocast():

@@ -122,6 +122,28 @@ def _relation_logits(x: Tensor, mask: Tensor, relation_heads: int, bias: Tensor)
     return x_a, torch.baddbmm(bias, x_a, x_a.transpose(1, 2), alpha=1.0 / math.sqrt(d_r))
 
 
+MIN_RELATION_HEAD_SIZE = 8  # d_r of MiniLMv2's 384-wide students with 48 relation heads (methods.md section 3)
+
+
+def suggest_relation_heads(*widths: int, count: int = 3) -> list[int]:
+    """The ``count`` largest relation-head counts A_r that divide every width, largest first.
+
+    Counts that leave the narrowest width relation heads of fewer than MIN_RELATION_HEAD_SIZE dimensions
+    are skipped when any other count exists: 64 heads on a 64-wide student divide it, but give d_r = 1,
+    a relation of scalar products that carries next to nothing. 1 always divides, so the list is never empty.
+    """
+    g = math.gcd(*widths)
+    divisors = [a for a in range(g, 0, -1) if g % a == 0]  # every common divisor, largest first
+    wide = [a for a in divisors if min(widths) // a >= MIN_RELATION_HEAD_SIZE]
+    return (wide or divisors)[:count]
+
+
+def relation_heads_hint(*widths: int) -> str:
+    """The suggestions of ``suggest_relation_heads`` for an error message: '8, 4 or 2'."""
+    words = [str(v) for v in suggest_relation_heads(*widths)]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def relation_kl(
     student_x: Tensor,
     teacher_x: Tensor,
@@ -155,7 +177,7 @@ def relation_kl(
     if not isinstance(relation_heads, int) or relation_heads < 1 or d_s % relation_heads or d_t % relation_heads:
         raise ConfigError(
             f"relation_heads={relation_heads} must divide the student width {d_s} and teacher width {d_t}: "
-            "choose a common divisor"
+            f"choose a common divisor such as {relation_heads_hint(d_s, d_t)}"
         )
     check_mask(mask, student_x.shape[0], student_x.shape[1], "relation_kl")
     # float32 throughout, also inside a bf16 / fp16 autocast region (which would run the matmuls in half

@@ -23,7 +23,9 @@ from tadistill.capture.attention import attention_logits
 from tadistill.capture.hooks import Captured, CaptureRequest
 from tadistill.errors import ConfigError
 from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence, default_chunk_size
-from tadistill.objectives.attention import attention_kl, attention_score_mse, relation_kl, value_relation_kl
+from tadistill.objectives.attention import (
+    attention_kl, attention_score_mse, relation_heads_hint, relation_kl, suggest_relation_heads, value_relation_kl,
+)
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
 from tadistill.objectives.layer_maps import layer_map
 from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on_policy_term
@@ -219,12 +221,15 @@ class MiniLMv2Term(Term):
             "student": {student.num_heads * student.head_dim, student.num_kv_heads * student.head_dim},
             "teacher": {teacher.num_heads * teacher.head_dim, teacher.num_kv_heads * teacher.head_dim},
         }
+        every = sorted(widths["student"] | widths["teacher"])
         for who, ws in widths.items():
             for w in ws:
                 if w % cfg.relation_heads:
+                    # Suggest counts that divide every Q/K/V width of both models, not a fixed number.
                     raise ConfigError(
                         f"relation_heads={cfg.relation_heads} must divide the {who} width {w}: choose a common "
-                        "divisor of both models' widths (e.g. --set objectives.minilmv2.relation_heads=12)"
+                        f"divisor of both models' widths {every}, such as {relation_heads_hint(*every)}: "
+                        f"--set objectives.minilmv2.relation_heads={suggest_relation_heads(*every)[0]}"
                     )
         self.student_request = CaptureRequest(qkv=(self.s_layer,))
         self.teacher_request = CaptureRequest(qkv=(self.t_layer,))
