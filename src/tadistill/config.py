@@ -156,6 +156,17 @@ class AttentionScoreMSE(_Objective):
     kind: Literal["attention-mse"] = "attention-mse"
 
 
+class SentenceEmbedding(_Objective):
+    """Sentence embeddings: MSE (or cosine) between the student's and the teacher's mean-pooled last hidden
+    states, the student's through a learned projection when the widths differ (Reimers & Gurevych 2020)."""
+
+    kind: Literal["embedding"] = "embedding"
+    loss: Literal["mse", "cosine"] = Field(
+        "mse", description="Distance between pooled embeddings: 'mse' (Reimers & Gurevych 2020) or 'cosine' "
+        "(1 - cos, scale-free: only directions, which is what a cosine search uses)."
+    )
+
+
 class LogitDivergence(_Objective):
     """Causal LMs: a divergence between the teacher's and the student's next-token distributions.
 
@@ -210,8 +221,8 @@ class MomentMatching(_Objective):
 
 
 Objective = Annotated[
-    Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE, LogitDivergence,
-          CausalLM, MomentMatching],
+    Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE, SentenceEmbedding,
+          LogitDivergence, CausalLM, MomentMatching],
     Field(discriminator="kind"),
 ]
 

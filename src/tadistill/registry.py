@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tadistill import config as C
 from tadistill.training import terms as T
+from tadistill.training.embedding_term import SentenceEmbeddingTerm
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "minilm": ObjectiveEntry(C.MiniLM, T.MiniLMTerm, "Wang et al. 2020 (MiniLM)"),
     "direct-qkv": ObjectiveEntry(C.DirectQKV, T.DirectQKVTerm, "comparative study, sec. 1 (DirectMiniLM)"),
     "attention-mse": ObjectiveEntry(C.AttentionScoreMSE, T.AttentionScoreTerm, "Jiao et al. 2020 (TinyBERT)"),
+    "embedding": ObjectiveEntry(C.SentenceEmbedding, SentenceEmbeddingTerm, "Reimers & Gurevych 2020, eq. 1"),
     "logits": ObjectiveEntry(
         C.LogitDivergence, T.LogitDivergenceTerm, "Hinton et al. 2015; Agarwal et al. 2024 (GKD); Ko et al. 2024"
     ),

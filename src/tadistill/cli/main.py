@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="what a student kept and what it costs, against its teacher")
     p.add_argument("student", help="student folder (a run's student/ or any checkpoint)")
     p.add_argument("--teacher", required=True, help="teacher: local path, hub id or 'builtin'")
-    p.add_argument("--tasks", nargs="*", default=["stdlib-topic"],
-                   help="known task names (GLUE, xnli-<lang>, stdlib-topic) or local CSV/JSONL files")
+    p.add_argument("--tasks", nargs="*", default=["stdlib-topic", "stdlib-retrieval"],
+                   help="known task names (GLUE, xnli-<lang>, stdlib-topic, stdlib-retrieval) or local CSV/JSONL files")
     p.add_argument("--mode", choices=["probe", "finetune"], default="probe", help="linear probe or fine-tuning")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--texts", default="builtin", help="corpus whose held-out split gives the fidelity texts")

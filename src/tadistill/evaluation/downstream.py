@@ -284,8 +284,20 @@ def evaluate_task(model_path: str, task: str, *, mode: str = "probe", seeds: Seq
     ``trust_remote_code`` to the loaders, ``device`` places the model; the rest go to
     :func:`linear_probe` or :func:`finetune`. Returns ``{"task", "mode", "metrics": {metric: {"mean",
     "std"}}, "headline": first metric, "seeds", "train_size", "eval_size"}``.
+
+    A retrieval task (``stdlib-retrieval``) has no labels to probe or fine-tune on: whatever ``mode``,
+    it is scored zero-shot by :func:`tadistill.evaluation.retrieval.evaluate_retrieval` (mode
+    "retrieval"); ``max_length``, ``device`` and ``trust_remote_code`` apply, the rest is ignored.
     """
+    from tadistill.evaluation.retrieval import RETRIEVAL_TASKS, evaluate_retrieval
     from tadistill.loading import load_pretrained, load_tokenizer
+
+    if str(task).strip().lower() in RETRIEVAL_TASKS:
+        if mode not in MODES:
+            raise ConfigError(f"evaluation mode {mode!r} is not one of {list(MODES)}: use 'probe' or 'finetune'")
+        return evaluate_retrieval(model_path, str(task).strip(), seeds=_check_seeds(seeds),
+                                  max_length=kw.get("max_length", 128), device=kw.get("device"),
+                                  trust_remote_code=kw.get("trust_remote_code", False))
 
     if mode not in MODES:
         raise ConfigError(f"evaluation mode {mode!r} is not one of {list(MODES)}: use 'probe' or 'finetune'")

@@ -15,6 +15,9 @@ is not an integer (``2.5``, or ``1.0`` to force it), the task is regression (``n
 otherwise labels are strings mapped to ids in sorted order. Metrics: accuracy (plus F1 of id 1 for two
 classes), or pearson and spearman for regression.
 
+"stdlib-retrieval" (``RETRIEVAL_TASKS``) is no labeled task: it scores zero-shot retrieval by embedding
+cosine (:mod:`tadistill.evaluation.retrieval`), and ``evaluate_task`` sends it there; ``load_task`` refuses it.
+
 Rows are tuples ``(text, text_pair or None, label)``. Subsampling (``max_train`` / ``max_eval``) uses a
 ``torch.Generator`` seeded with ``seed`` and keeps the original row order.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from tadistill.errors import ConfigError, DataError, did_you_mean
+from tadistill.evaluation.retrieval import RETRIEVAL_TASKS
 
 Row = tuple[str, "str | None", "float | int"]
 
@@ -126,6 +130,9 @@ def load_task(name_or_path: str, *, max_train: int | None = None, max_eval: int 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{key} must be a positive integer or None, got {value!r}")
     name = str(name_or_path).strip()
+    if name.lower() in RETRIEVAL_TASKS:
+        raise ConfigError(f"{name!r} is a retrieval task with no labels: evaluate it with evaluate_task, "
+                          "or tadistill evaluate --tasks stdlib-retrieval")
     known = KNOWN_TASKS.get(name.lower())
     if known is not None and known.name == "stdlib-topic":
         data = _load_stdlib_topic(known)
@@ -211,8 +218,9 @@ def _load_local(name: str) -> TaskData:
         raise DataError(f"task file {name!r} not found: check the path")
     else:
         raise ConfigError(
-            f"unknown task {name!r}{did_you_mean(name.lower(), KNOWN_TASKS)}: use one of "
-            "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, xnli-<lang>, stdlib-topic, or a .csv/.jsonl file"
+            f"unknown task {name!r}{did_you_mean(name.lower(), [*KNOWN_TASKS, *RETRIEVAL_TASKS])}: use one of "
+            "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, xnli-<lang>, stdlib-topic, stdlib-retrieval, "
+            "or a .csv/.jsonl file"
         )
     tables = [_read_table(p) for p in paths]
     has_pair = [pair for pair, _ in tables]

@@ -67,7 +67,10 @@ class Budget(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["stdlib-topic"], description="Known task names or local files.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["stdlib-topic", "stdlib-retrieval"],
+        description="Known task names or local files; stdlib-retrieval is scored zero-shot whatever the mode.",
+    )
     mode: Literal["probe", "finetune"] = "probe"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     max_train: int | None = Field(2000, ge=1, description="Training examples per task (subsampled, seeded).")
