@@ -123,3 +123,18 @@ def test_builtin_teacher_scores_far_above_chance(pairs, one_thread):
     scores = retrieval_scores(model, load_tokenizer("builtin"), pairs, seeds=(0,), max_length=64)
     # Chance: acc@1 = 1/1000, MRR ~ 0.0075. Measured on CPython 3.11: acc@1 0.41, MRR 0.54.
     assert scores["acc@1"][0] > 0.25 and scores["mrr"][0] > 0.35
+
+
+def test_run_summary_prints_task_scores_before_and_after(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from tadistill.cli.show import print_summary
+
+    summary = {"teacher_shape": "6x384", "student_shape": "3x384", "teacher_parameters": 22_700_000,
+               "student_parameters": 17_400_000, "heldout_loss_start": 1.35, "heldout_loss_end": 0.41,
+               "embedding_cosine_start": 0.65, "embedding_cosine_end": 0.74, "steps": 200, "seconds": 60,
+               "tasks": {"stdlib-retrieval/acc@1": {"teacher": 0.41, "start": 0.3125, "end": 0.3375}}}
+    print_summary(SimpleNamespace(summary=summary, student_dir=tmp_path / "student", run_dir=tmp_path))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "stdlib-retrieval/acc@1 (start -> end)" in out
+    assert "0.4100" in out and "0.3125 -> 0.3375" in out

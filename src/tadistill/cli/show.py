@@ -43,6 +43,11 @@ def print_summary(result) -> None:
     else:
         table.add_row("cosine of mean-pooled embeddings (start -> end)", "",
                       f"{_fmt(s.get('embedding_cosine_start'))} -> {_fmt(s['embedding_cosine_end'])}")
+    for key, score in (s.get("tasks") or {}).items():
+        # {"stdlib-retrieval/acc@1": {"teacher": x, "start": y, "end": z}}: what training added, next to
+        # what the teacher scores (issue 18); missing values print as n/a.
+        table.add_row(f"{key} (start -> end)", _fmt(score.get("teacher")),
+                      f"{_fmt(score.get('start'))} -> {_fmt(score.get('end'))}")
     console.print(table)
     console.print(f"student: {result.student_dir}  ({s['steps']} steps, {s['seconds']} s)")
     console.print(f"run:     {result.run_dir}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)")
