@@ -187,3 +187,34 @@ def test_plot_values_are_finite_only(tmp_path) -> None:
     cells = [{"method": "hs", "student": "L1", "params": 1e6, "m": math.inf},
              {"method": "hs", "student": "L2", "params": True, "m": 0.5}]
     assert png_size(plot_score_vs_params(cells, "m", tmp_path / "x.png"))[0] > 0
+
+
+def test_study_report_latency_columns_agree_with_the_speedup(tmp_path) -> None:
+    """A study evaluated by the suite: the study table's teacher latency / student latency is the speedup column."""
+    import yaml
+
+    from tadistill.study.report import build_report
+
+    out = tmp_path / "study"
+    (out / "report").mkdir(parents=True)
+    (out / "cells" / "hs_2x32").mkdir(parents=True)
+    (out / "study.yaml").write_text(yaml.safe_dump(
+        {"methods": [{"name": "hs"}], "students": [{"layers": 2, "hidden": 32, "heads": None}]}))
+    (out / "report" / "teacher.json").write_text(json.dumps({"model": "teacher", "params": 4_000_000,
+                                                             "latency_b1_ms": 2.0}))
+    # The row evaluate_student writes: teacher timed at 2.4 ms next to the student's 0.6 (speedup 4), shown in
+    # the teacher row's time base: 2.0 / 4 = 0.5 ms.
+    results = {"params": 1_000_000, "latency_b1_ms": 0.5, "speedup_b1": 4.0, "latency_b1_interleaved_ms": 0.6,
+               "latency_b1_teacher_interleaved_ms": 2.4}
+    (out / "cells" / "hs_2x32" / "status.json").write_text(json.dumps({"state": "evaluated", "results": results}))
+    report = build_report(out)
+    text = (report / "study.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    values = {row[0]: dict(zip(header, row)) for row in
+              ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    teacher, student = float(values["teacher"]["latency_b1_ms"]), float(values["hs"]["latency_b1_ms"])
+    assert teacher / student == pytest.approx(float(values["hs"]["speedup_b1"]))
+    assert "one measurement feeds both" in text
+    csv_row = next(r for r in csv.DictReader((report / "results.csv").open()) if r["model"] == "hs_2x32")
+    assert float(csv_row["latency_b1_teacher_interleaved_ms"]) == 2.4  # the raw timings stay in results.csv

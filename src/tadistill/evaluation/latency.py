@@ -190,6 +190,42 @@ def compare_latency(
     return {"teacher": t, "student": s, "speedup": speedup}
 
 
+def in_reference_time(compared: dict[str, dict], reference_ms: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The student's timings of a ``compare_latency`` run, in the time base of a reference teacher measurement.
+
+    A results table shows the teacher's own latency and each student's speedup. The speedup comes from
+    an interleaved run (robust to the machine getting slower or faster between measurements, and between
+    resumed sessions), the teacher's row from another run: placed side by side, teacher latency / student
+    latency would not equal the speedup. Scaling the student's times by f = reference / (the teacher's
+    median in the interleaved run) makes one measurement feed both: reference / student median equals
+    the interleaved speedup.
+
+    Args:
+        compared: ``compare_latency``'s result.
+        reference_ms: ``{"batch_<B>": the teacher's reference median in ms}``; batch sizes missing here
+            (or not positive) keep the student's raw interleaved timings.
+
+    Returns:
+        The student's dict as ``measure_latency`` returns it: times multiplied by f, throughputs divided by f.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for key, stats in compared["student"].items():
+        reference = reference_ms.get(key)
+        factor = reference / compared["teacher"][key]["median_ms"] if reference and reference > 0 else 1.0
+        out[key] = {name: value * factor if name.endswith("_ms") else value / factor for name, value in stats.items()}
+    return out
+
+
+def reference_from_row(row: dict | None) -> dict[str, float]:
+    """``{"batch_<B>": median ms}`` from the flat ``latency_b<B>_ms`` keys of a results row (``flatten_latency``)."""
+    out: dict[str, float] = {}
+    for key, value in (row or {}).items():
+        batch = key.removeprefix("latency_b").removesuffix("_ms")
+        if key.startswith("latency_b") and key.endswith("_ms") and batch.isdigit() and isinstance(value, (int, float)):
+            out[f"batch_{batch}"] = float(value)
+    return out
+
+
 def flatten_latency(result: dict[str, dict[str, float]]) -> dict[str, float]:
     """Flat results-row keys from a ``measure_latency`` dict.
 

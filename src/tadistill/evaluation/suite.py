@@ -3,7 +3,10 @@
 Each model becomes one flat row of numbers (``results.json`` / ``.csv`` / ``.md``):
 
 - cost: ``params``, ``flops_per_token``, ``size_mb``, ``latency_b1_ms`` / ``latency_b32_ms`` and
-  throughput, measured for teacher and student in the same call, and ``speedup_b1`` / ``speedup_b32``;
+  throughput, and ``speedup_b1`` / ``speedup_b32``. Each student is timed interleaved with the teacher
+  (the speedup), and its latency is given in the time base of the teacher row's measurement
+  (``latency.in_reference_time``), so teacher latency / student latency = speedup in every table; the
+  raw interleaved medians are kept as ``latency_b<B>_interleaved_ms`` / ``latency_b<B>_teacher_interleaved_ms``;
 - fidelity on held-out text (students): ``fidelity/<metric>``, or ``fidelity[<lang>]/<metric>`` per
   language of a multilingual study (output KL, cosine and CKA of final and mapped hidden states,
   attention-relation KL, sentence-embedding cosine and nearest-neighbour overlap@10);
@@ -23,7 +26,9 @@ from tadistill.evaluation.cost import count_parameters, flops_per_token
 from tadistill.evaluation.downstream import evaluate_task
 from tadistill.evaluation.fidelity import fidelity
 from tadistill.evaluation.intrinsic import causal_perplexity, has_lm_head, masked_lm_perplexity
-from tadistill.evaluation.latency import compare_latency, flatten_latency, measure_latency, size_on_disk
+from tadistill.evaluation.latency import (
+    compare_latency, flatten_latency, in_reference_time, measure_latency, reference_from_row, size_on_disk,
+)
 from tadistill.evaluation.zero_shot import zero_shot
 from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
 
@@ -50,6 +55,7 @@ class EvaluationSuite:
         self.trust_remote_code = trust_remote_code
         self.tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
         self.teacher = _load_with_head(teacher, trust_remote_code=trust_remote_code, what="teacher").eval()
+        self._teacher_latency: dict[str, float] = {}  # the teacher row's medians, the students' time base
 
     # ------------------------------------------------------------------------------------ pieces
 
@@ -92,6 +98,7 @@ class EvaluationSuite:
         row: dict[str, Any] = {"model": "teacher", "path": self.teacher_name, **self._cost(self.teacher, path)}
         if self.spec.latency:
             row.update(flatten_latency(measure_latency(self.teacher, **self._latency_kwargs())))
+            self._teacher_latency = reference_from_row(row)
         row.update(self._intrinsic(self.teacher))
         row.update(self._tasks(path))
         if self.spec.zero_shot_tasks and has_lm_head(self.teacher) == "causal-lm":
@@ -109,8 +116,16 @@ class EvaluationSuite:
             row.update({prefix + k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)})
         if self.spec.latency:
             both = compare_latency(self.teacher, student, **self._latency_kwargs())
-            row.update(flatten_latency(both["student"]))
+            # One measurement for the whole table: the teacher row's latency is the reference, the student's
+            # is that reference divided by the interleaved speedup (a study may evaluate its students in
+            # later sessions, on a busier or idler machine, than its teacher row).
+            reference = reference_from_row(teacher_row) if teacher_row is not None else self._teacher_latency
+            row.update(flatten_latency(in_reference_time(both, reference)))
             row.update({f"speedup_b{k.removeprefix('batch_')}": v for k, v in both["speedup"].items()})
+            for key in both["speedup"]:
+                batch = key.removeprefix("batch_")
+                row[f"latency_b{batch}_interleaved_ms"] = both["student"][key]["median_ms"]
+                row[f"latency_b{batch}_teacher_interleaved_ms"] = both["teacher"][key]["median_ms"]
         row.update(self._intrinsic(student))
         row.update(self._tasks(path))
         if self.spec.zero_shot_tasks and has_lm_head(student) == "causal-lm":

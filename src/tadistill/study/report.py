@@ -26,6 +26,14 @@ SUMMARY_KEYS = (
 )
 
 
+# Why teacher latency / student latency equals the speedup column (evaluation/suite.py, latency.in_reference_time).
+LATENCY_NOTE = (
+    "\nLatency: median ms of one forward pass at batch 1. Each student was timed interleaved with the teacher "
+    "(speedup_b1); its latency is the teacher row's latency divided by that speedup, so one measurement "
+    "feeds both columns (the raw interleaved medians are in results.csv).\n"
+)
+
+
 def _cell_rows(out: Path) -> list[dict[str, Any]]:
     study = yaml.safe_load((out / "study.yaml").read_text(encoding="utf-8"))
     rows = []
@@ -73,7 +81,8 @@ def build_report(out: str | Path) -> Path:
     keys = ["params", *headlines, *SUMMARY_KEYS]
     table_rows = [{k: r.get(k) for k in ["method", "student", *keys, "error"] if k in r or k in ("method", "student")}
                   for r in teacher_row + cells]
-    atomic_write_text(report / "study.md", f"# Study: {out.name}\n\n{study_table(table_rows)}\n")
+    note = LATENCY_NOTE if any("latency_b1_ms" in r for r in table_rows) else ""
+    atomic_write_text(report / "study.md", f"# Study: {out.name}\n\n{study_table(table_rows)}{note}\n")
 
     score = headlines[0] if headlines else "fidelity/final_cka"
     plot_rows = teacher_row + [c for c in cells if "error" not in c]
