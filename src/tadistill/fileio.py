@@ -49,6 +49,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give files written by libraries that create them 0600 (safetensors does) the user's umask; folders too."""
+    path = Path(path)
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is a temporary file left by ``atomic_open`` (a writer killed before its rename)."""
     return name.startswith(".") and name.endswith(".tmp")
@@ -75,4 +98,13 @@ def fsync_path(path: Path) -> None:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC / EDQUOT, also when a library reports it in its own exception (safetensors: "os error 28")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return any(f"os error {code})" in text for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def is_io_failure(exc: BaseException) -> bool:
+    """An operating-system failure to write (disk full, I/O error), as opposed to a bug in the caller."""
+    return isinstance(exc, OSError) or is_disk_full(exc) or "I/O error" in str(exc)

@@ -38,7 +38,7 @@ from accelerate.utils import reduce as reduce_across
 from safetensors.torch import load_model, save_model
 
 from tadistill.errors import RunDirError
-from tadistill.fileio import atomic_write_text, fsync_path, is_disk_full, sha256_of
+from tadistill.fileio import apply_umask, atomic_write_text, fsync_path, is_disk_full, is_io_failure, sha256_of
 from tadistill.training.rundir import CONFIG_FILE
 from tadistill.training.statefile import StateFileError, load_tree, save_tree
 
@@ -53,9 +53,9 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be used (its message is the reason, for the fallback warning)."""
 
 
-def _reached(point: str) -> None:
-    """A named point of ``save_checkpoint``: nothing happens here. tests/test_crash.py kills the process
-    at each one in turn (and while a file is half written) to show that ``--resume`` always recovers."""
+def _reached(point: str, step: int) -> None:
+    """A named point of ``save_checkpoint`` (main process; ``extra``: every process): nothing happens here. tests/test_crash.py kills
+    the process at each one in turn (and while a file is half written) to show that ``--resume`` recovers."""
 
 
 # ---------------------------------------------------------------------------------------- listing
@@ -143,7 +143,7 @@ def _all_ok(accelerator: Accelerator, ok: bool) -> bool:
     return float(reduce_across(flag, reduction="sum").item()) == 0.0
 
 
-def _write_state(accelerator: Accelerator, tmp: Path, extra: dict) -> None:
+def _write_state(accelerator: Accelerator, tmp: Path, extra: dict, step: int) -> None:
     """Every process writes its share of the state into ``tmp``."""
     if accelerator.distributed_type in _SHARDED:
         accelerator.save_state(str(tmp))
@@ -153,10 +153,10 @@ def _write_state(accelerator: Accelerator, tmp: Path, extra: dict) -> None:
     elif accelerator.is_main_process:
         for i, model in enumerate(accelerator._models):
             save_model(accelerator.unwrap_model(model), str(tmp / f"model{_suffix(i)}.safetensors"))
-            _reached(f"model{_suffix(i)}")
+            _reached(f"model{_suffix(i)}", step)
         for i, optimizer in enumerate(accelerator._optimizers):
             save_tree(optimizer.state_dict(), tmp / f"optimizer{_suffix(i)}.safetensors")
-            _reached(f"optimizer{_suffix(i)}")
+            _reached(f"optimizer{_suffix(i)}", step)
         for i, scheduler in enumerate(accelerator._schedulers):
             save_tree(scheduler.state_dict(), tmp / f"scheduler{_suffix(i)}.safetensors")
         for i, obj in enumerate(accelerator._custom_objects):
@@ -164,16 +164,17 @@ def _write_state(accelerator: Accelerator, tmp: Path, extra: dict) -> None:
         if accelerator.scaler is not None:
             save_tree(accelerator.scaler.state_dict(), tmp / "scaler.safetensors")
     save_tree(extra, tmp / f"extra_{accelerator.process_index}.safetensors")
-    _reached("extra")
+    _reached("extra", step)
 
 
 def _write_manifest(tmp: Path, step: int) -> None:
     """Size and checksum of every file (each flushed to disk first); written last, itself atomically."""
     files = {}
+    apply_umask(tmp)  # safetensors creates its files 0600: a run shared with a group must stay readable
     for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
         fsync_path(file)
         files[file.relative_to(tmp).as_posix()] = {"size": file.stat().st_size, "sha256": sha256_of(file)}
-    _reached("hashed")
+    _reached("hashed", step)
     atomic_write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     fsync_path(tmp)
 
@@ -184,24 +185,27 @@ def _remove_leftovers(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _publish(tmp: Path, final: Path, folder: Path, keep: int) -> None:
+def _publish(tmp: Path, final: Path, folder: Path, keep: int, step: int) -> None:
     if final.exists():  # same step saved before (e.g. resumed and stopped again): move it aside, then replace
         aside = folder / f".{final.name}.old"
         os.replace(final, aside)
-        _reached("moved-aside")
+        _reached("moved-aside", step)
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, final)
     fsync_path(folder)
-    _reached("renamed")
+    _reached("renamed", step)
     for old in checkpoint_dirs(folder)[:-keep]:
         # Renamed before deletion, so a kill halfway never leaves a half-deleted folder under a step-N name.
         aside = folder / f".{old.name}.old"
-        os.replace(old, aside)
-        _reached("pruning")
+        try:
+            os.replace(old, aside)
+        except OSError:
+            continue  # the new checkpoint is written: an old one left behind is removed next time
+        _reached("pruning", step)
         shutil.rmtree(aside, ignore_errors=True)
-    _reached("pruned")
+    _reached("pruned", step)
 
 
 def _write_error(folder: Path, step: int, exc: BaseException | None) -> RunDirError:
@@ -212,7 +216,7 @@ def _write_error(folder: Path, step: int, exc: BaseException | None) -> RunDirEr
     if is_disk_full(exc):
         return RunDirError(f"no space left while writing checkpoint {step} in {folder}; {kept}: free some space "
                            "and continue with --resume")
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or ["?"])[0]
     return RunDirError(f"could not write checkpoint {step} in {folder} ({reason}); {kept}")
 
 
@@ -229,34 +233,38 @@ def save_checkpoint(
     tmp = folder / f".step-{step:08d}.tmp"
     main = accelerator.is_main_process
     error: BaseException | None = None
+    if main:
+        _reached("start", step)
     try:
         if main:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(folder)
             tmp.mkdir()
-            _reached("begin")
+            _reached("begin", step)
     except OSError as exc:
         error = exc
     if _all_ok(accelerator, error is None):
         try:
-            _write_state(accelerator, tmp, extra or {})
+            _write_state(accelerator, tmp, extra or {}, step)
         except Exception as exc:  # noqa: BLE001  reported below, after every process knows
             error = exc
     if _all_ok(accelerator, error is None) and main:
         try:
             atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step}))
             atomic_write_text(tmp / CONFIG_FILE, config_yaml)
-            _reached("metadata")
+            _reached("metadata", step)
             _write_manifest(tmp, step)
-            _publish(tmp, final, folder, keep)
+            _publish(tmp, final, folder, keep, step)
         except Exception as exc:  # noqa: BLE001
             error = exc
     if not _all_ok(accelerator, error is None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if error is not None and not isinstance(error, OSError):
+        if error is not None and not is_io_failure(error):
             raise error  # a bug (say, a value in ``extra`` that cannot be saved), not the disk's fault
         raise _write_error(folder, step, error) from None
+    if main:
+        _reached("end", step)
     return final
 
 
