@@ -122,7 +122,7 @@ def _relation_logits(x: Tensor, mask: Tensor, relation_heads: int, bias: Tensor)
     return x_a, torch.baddbmm(bias, x_a, x_a.transpose(1, 2), alpha=1.0 / math.sqrt(d_r))
 
 
-MIN_RELATION_HEAD_SIZE = 8  # d_r of MiniLMv2's 384-wide students with 48 relation heads (methods.md section 3)
+MIN_RELATION_HEAD_SIZE = 8  # d_r of MiniLMv2's 384-wide students with 48 relation heads (Wang et al. 2021)
 
 
 def suggest_relation_heads(*widths: int, count: int = 3) -> list[int]:
@@ -217,7 +217,7 @@ def value_relation_kl(
     teacher_kv_heads: int,
     causal: bool = False,
 ) -> Tensor:
-    """MiniLM's value relation L_VR (MiniLM eq. 3-4, methods.md section 2), one relation per attention head.
+    """MiniLM's value relation L_VR (Wang et al. 2020, eq. 3-4), one relation per attention head.
 
     MiniLM compares VR_a = softmax(V_a V_a^T / sqrt(d_k)) head by head, V_a the values attention head a
     reads. Under grouped-query attention (Ainslie et al. 2023) query head a reads key/value head
