@@ -25,6 +25,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _SHAPE = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
+# Method and study names become folder names (cells/<method>_<shape>, runs/<study>-<time>): one path
+# component that cannot climb out of --out ("../x") or hide itself (".x").
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,79}$")
+
+
+def _safe_name(value: str) -> str:
+    if not _SAFE_NAME.match(value):
+        raise ValueError(f"name {value!r} must be a plain file name: letters, digits and . _ + = @ , - (not "
+                         "first), at most 80 characters")
+    return value
 
 
 class _Strict(BaseModel):
@@ -35,6 +45,8 @@ class MethodSpec(_Strict):
     name: str = Field(description="Row label of the method in the study table.")
     recipe: str = Field(description="Recipe the method starts from (tadistill recipes).")
     set: list[str] = Field(default_factory=list, description="key=value overrides of the recipe.")
+
+    _name = field_validator("name")(_safe_name)
 
 
 class StudentShape(_Strict):
@@ -95,6 +107,8 @@ class StudyConfig(_Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     students: list[StudentShape] = Field(min_length=1)
     evaluation: EvaluationSpec = EvaluationSpec()
+
+    _name = field_validator("name")(_safe_name)
 
     @field_validator("students", mode="before")
     @classmethod
