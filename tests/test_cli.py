@@ -109,8 +109,8 @@ def test_inspect_prints_shape_and_cost(tiny_teacher, capsys):
          "out of range"),
         (["distill", "hs", "--set", "student.hidden_size=30", "--set", "student.num_heads=4"], "not divisible"),
         (["distill", "minilmv2", "--set", "student.hidden_size=24", "--set", "student.num_heads=4"],
-         "relation_heads=48 must divide the student width 24: choose a common divisor of both models' widths "
-         "[24, 32], such as 2 or 1: --set objectives.minilmv2.relation_heads=2"),
+         ("relation_heads=48 must divide the student width 24: choose a common divisor of both models' widths "
+          "[24, 32], such as 2 or 1: --set objectives.minilmv2.relation_heads=2")),
         (["distill", "hs", "--set", "data.source=/no/such/corpus.txt"], "corpus"),
         (["distill", "minilm", "--set", "student.num_heads=2"], "equal head counts"),
     ],
