@@ -199,20 +199,28 @@ def test_ammd_alternates_players_and_uses_both_moments(tiny_gpt2, causal_args, t
 def test_ammd_held_parameters_alternate(tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
+    from tadistill.methods import ammd
+    from tadistill.training.lane import LaneParts
+
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     arch = resolve_architecture(model)
     term = MomentMatchingTerm(C.MomentMatching(), arch, arch)
-    holder = torch.nn.ModuleDict({"student": model, "term": term})
+    parts = LaneParts(model, arch, [term])
+
+    def config(alternate: bool):
+        return C.DistillConfig(objectives=[C.MomentMatching(alternate=alternate)])
+
+    method = ammd.build(config(True), parts)
     q_ids = {id(p) for p in term.q_head.parameters()}
-    odd = {id(p) for p in term.held_parameters(1, holder)}
-    even = {id(p) for p in term.held_parameters(2, holder)}
+    odd = {id(p) for p in method.held_parameters(1)}
+    even = {id(p) for p in method.held_parameters(2)}
     assert even == q_ids and odd.isdisjoint(q_ids) and len(odd) == len(list(model.parameters()))
     assert term.q_head.proj.out_features == model.config.vocab_size
-    assert MomentMatchingTerm(C.MomentMatching(alternate=False), arch, arch).held_parameters(1, holder) == []
+    assert ammd.build(config(False), parts) is None  # simultaneous updates: nothing is held
 
 
 def test_teacher_free_never_runs_the_teacher(tiny_gpt2, causal_args, tmp_path, monkeypatch):
-    import tadistill.api as api
+    import tadistill.training.setup as api
 
     calls = []
     original = api.load_teacher

@@ -152,8 +152,8 @@ def test_existing_run_is_never_overwritten_silently(tiny_args, tmp_path, capsys)
 
     code, _, err = _run(capsys, argv)  # same run again, no flag
     assert code == 2 and "--resume" in err and "--overwrite" in err
-    code, _, err = _run(capsys, [*argv[:-3], "--set", "train.lr=0.1", "--out", str(out), "--resume"])
-    assert code == 2 and "config differs" in err and "train.lr" in err
+    code, _, err = _run(capsys, [*argv[:-3], "--set", "train.weight_decay=0.5", "--out", str(out), "--resume"])
+    assert code == 2 and "config differs" in err and "train.weight_decay" in err
     assert (out / "student" / "model.safetensors").read_bytes() == before
 
     code, _, err = _run(capsys, [*argv, "--overwrite"])

@@ -89,12 +89,15 @@ def test_minilm_teacher_assistant_chain(tiny_args, tmp_path):
     argv = ["distill", "minilm", *tiny_args("student.hidden_size=16", "assistant.enabled=true"),
             "--out", str(out), "--no-progress"]
     assert main(argv) == 0
-    assistant = json.loads((out / "assistant" / "student" / "config.json").read_text())
+    # A two-stage run: stages/assistant (teacher -> assistant), stages/student (assistant -> fresh student).
+    assistant = json.loads((out / "stages" / "assistant" / "student" / "config.json").read_text())
     student = json.loads((out / "student" / "config.json").read_text())
     assert (assistant["num_hidden_layers"], assistant["hidden_size"]) == (4, 16)  # teacher depth, student width
     assert (student["num_hidden_layers"], student["hidden_size"]) == (2, 16)
+    assert student == json.loads((out / "stages" / "student" / "student" / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["teacher"].endswith("assistant/student")
+    assert summary["teacher"].endswith("stages/assistant/student")
+    assert list(summary["stages"]) == ["assistant", "student"]
 
 
 def test_compile_gives_the_eager_run(tiny_args, tiny_teacher_no_dropout, tmp_path):

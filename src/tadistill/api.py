@@ -10,21 +10,17 @@ Example::
 
 from __future__ import annotations
 
-import time
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tadistill.config import DistillConfig
-from tadistill.data.prepare import prepare_corpus
-from tadistill.evaluation.cost import count_parameters
-from tadistill.evaluation.fidelity import TeacherEmbeddings
-from tadistill.loading import load_model_config
-from tadistill.training.lane import build_lane
-from tadistill.training.loop import TokenizerInfo, Trainer
-from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, load_teacher, new_accelerator, start_cosine
-from tadistill.training.rundir import RunDir, config_to_yaml
-from tadistill.training.teacher_cache import TeacherSignals, lane_signal_spec, signal_meta
+from tadistill.fileio import atomic_write_text
+from tadistill.training.rundir import RunDir
+from tadistill.training.setup import Cell, RunSetup, new_accelerator, signal_spec
+from tadistill.training.stages import MODULES_FILE, Stage, expand_stages
 
 
 @dataclass
@@ -44,76 +40,79 @@ def distill(
 ) -> DistillResult:
     """Distill ``config.teacher`` into a student; write the run to ``out`` and the student to out/student.
 
-    With ``config.assistant.enabled`` (MiniLM's teacher assistant) the run first distills the teacher
-    into an assistant with the teacher's depth and the student's width (in out/assistant), then the
-    assistant into the student.
+    A config with ``stages`` (or ``assistant.enabled``, MiniLM's teacher assistant) runs its stages in order,
+    each in out/stages/<name>/, and the last stage's student becomes out/student. ``resume`` continues inside
+    the stage that was running.
     """
-    if not config.assistant.enabled:
-        return _run(config, RunDir(out), resume=resume, overwrite=overwrite, progress=progress)
     run = RunDir(out)
-    run.prepare(config, resume=resume, overwrite=overwrite)
-    teacher_cfg = load_model_config(config.teacher, trust_remote_code=config.trust_remote_code)
-    stage1 = config.model_copy(deep=True)
-    stage1.assistant.enabled = False
-    stage1.student.num_layers = teacher_cfg.num_hidden_layers
-    if config.assistant.steps:
-        stage1.train.steps = config.assistant.steps
-    assistant_dir = run.root / "assistant"
-    done = (assistant_dir / "student" / "config.json").is_file()
-    if not done:
-        _run(stage1, RunDir(assistant_dir), resume=(assistant_dir / "config.yaml").is_file(), overwrite=False,
-             progress=progress)
-    stage2 = config.model_copy(deep=True)
-    stage2.assistant.enabled = False
-    stage2.teacher = str(assistant_dir / "student")
-    return _run(stage2, run, resume=True, overwrite=False, progress=progress, prepared=True)
-
-
-def _run(
-    config: DistillConfig, run: RunDir, *, resume: bool, overwrite: bool, progress: bool, prepared: bool = False
-) -> DistillResult:
+    stages = expand_stages(config, run.root)  # every stage's config is checked before anything is created
+    if not stages:
+        return _run(config, run, resume=resume, overwrite=overwrite, progress=progress)
     accelerator = new_accelerator(config.train.precision)
-    if not prepared:
-        run.check(config, resume=resume, overwrite=overwrite)  # refuse early, before the slow setup
-    accelerator.wait_for_everyone()  # every process has checked before the main one creates anything
-    began = time.perf_counter()
-    # Everything that can refuse the config (models, terms, corpus) runs before the run directory is
-    # created, so a mistake leaves nothing behind that a corrected re-run would trip over.
-    tokenizer, teacher, t_arch = load_teacher([config])
-    lane = build_lane("student", config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
-    splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
-                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
-    texts = splits.heldout_texts[:SUMMARY_TEXTS]
-    embeddings = TeacherEmbeddings(tokenizer, texts)  # the teacher's side of both cosines, computed once
-    signals = None
-    if config.teacher_signals:  # stored teacher outputs (tadistill cache-teacher) instead of teacher forwards
-        signals = TeacherSignals(config.teacher_signals, meta=signal_meta(config, teacher.config),
-                                 spec=lane_signal_spec(lane))
-    cosine_start = (start_cosine(lane, teacher, tokenizer, texts, teacher_embeddings=embeddings)
-                    if signals is None else None)
-    teacher_parameters = count_parameters(teacher)
-    if not lane.needs_teacher or signals is not None:
-        # Teacher-free (methods.md section 6) or offline signals: the teacher's weights were only read to build
-        # the student; it is dropped before training and no teacher forward ever runs.
-        teacher = None
-    if not prepared and accelerator.is_main_process:
+    run.check(config, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         run.prepare(config, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
-    trainer = Trainer(
-        [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
-        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),
-        progress=progress, signals=signals,
-    )
-    result = trainer.run()
+    result = None
+    for stage in stages:
+        stage_run = RunDir(stage.folder)
+        if stage_run.summary_path.is_file() and (stage_run.student / "config.json").is_file():
+            continue  # finished before an interruption
+        result = _run(stage.config, stage_run, resume=stage_run.config_path.is_file(), overwrite=False,
+                      progress=progress, stage=stage)
+        if result.student_dir is None:
+            return DistillResult(run.root, None, {**result.summary, "stage": stage.name})
+    last = RunDir(stages[-1].folder)
+    summary = json.loads(last.summary_path.read_text(encoding="utf-8"))
+    summary["stages"] = {s.name: json.loads(RunDir(s.folder).summary_path.read_text(encoding="utf-8"))
+                         for s in stages}
+    if accelerator.is_main_process:
+        _publish_student(last.student, run.student)
+        atomic_write_text(run.summary_path, json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return DistillResult(run.root, run.student, summary)
+
+
+def _publish_student(source: Path, target: Path) -> None:
+    """The last stage's student as the run's student (a copy, then one rename: never half a folder)."""
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def _run(config: DistillConfig, run: RunDir, *, resume: bool, overwrite: bool, progress: bool,
+         stage: Stage | None = None) -> DistillResult:
+    accelerator = new_accelerator(config.train.precision)
+    run.check(config, resume=resume, overwrite=overwrite)  # refuse early, before the slow setup
+    accelerator.wait_for_everyone()  # every process has checked before the main one creates anything
+    setup = RunSetup([Cell("student", config, run)], accelerator=accelerator)
+    if stage is not None and stage.carry_from is not None:
+        _carry_modules(setup, stage.carry_from / MODULES_FILE)
+    if accelerator.is_main_process:
+        run.prepare(config, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    result = setup.train(run.checkpoints, progress=progress)
     accelerator.wait_for_everyone()
     if result.stopped_early:
         return DistillResult(run.root, None, {"stopped_at": result.final_step})
-    summary = finish_lane(
-        lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
-        steps=result.final_step, train_tokens=splits.train.num_tokens(), cosine_start=cosine_start, began=began,
-        teacher_parameters=teacher_parameters, teacher_embeddings=embeddings,
-    )
+    summary = setup.finish(setup.lanes[0], result)
     return DistillResult(run.root, run.student, summary)
+
+
+def _carry_modules(setup: RunSetup, path: Path) -> None:
+    """Start the lane's learned modules from a previous stage's, where names and shapes match."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return  # the previous stage learned no modules
+    saved = load_file(str(path))
+    own = setup.lanes[0].distiller.state_dict()
+    matching = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    setup.lanes[0].distiller.load_state_dict(matching, strict=False)
 
 
 def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -122,16 +121,15 @@ def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = Tr
     A later ``distill`` of the same config with ``teacher_signals: OUT`` then trains without teacher forwards.
     Returns meta.json plus the bytes stored per token.
     """
-    import json
-
     import torch
     from tqdm.auto import tqdm
 
     from tadistill.data.batches import collate
-    from tadistill.training.teacher_cache import write_teacher_signals
+    from tadistill.data.prepare import prepare_corpus
+    from tadistill.training.loop import TokenizerInfo
+    from tadistill.training.teacher_cache import signal_meta, write_teacher_signals
 
-    tokenizer, teacher, t_arch = load_teacher([config])
-    lane = build_lane("student", config, RunDir(out), teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
+    tokenizer, teacher, t_arch, spec = signal_spec(config)
     splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))
     tok = TokenizerInfo.of(tokenizer)
@@ -140,7 +138,7 @@ def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = Tr
         path = write_teacher_signals(
             Path(out), teacher=teacher, arch=t_arch, sequences={"train": splits.train, "heldout": splits.heldout},
             collate=lambda items: collate(items, pad_id=tok.pad_id, special_ids=tok.special_ids),
-            spec=lane_signal_spec(lane), meta=signal_meta(config, teacher.config),
+            spec=spec, meta=signal_meta(config, teacher.config),
             batch_size=config.train.batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
             progress=bar.update,
         )

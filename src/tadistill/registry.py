@@ -1,19 +1,53 @@
-"""The one explicit table of recipes and objectives (no import-time registration).
+"""The one explicit table of objectives, methods and recipes (no import-time registration).
 
-``OBJECTIVES`` maps an objective ``kind`` (the key used in configs) to its config class and the
-term that computes it; ``RECIPES`` maps a recipe name to its YAML file and a one-line summary. A test
-checks that these tables, the recipe files shipped in ``tadistill/recipes/`` and the CLI agree.
+- ``OBJECTIVES`` maps an objective ``kind`` (the key used in configs) to its config class, the term that
+  computes it, and its ``Traits``: which teachers it works with, which model outputs and heads it reads,
+  whether it needs the teacher at all, whether stored teacher signals can serve it. Nothing else in
+  tadistill keeps lists of kinds: the set-up, the lane and the loop ask these rows.
+- ``METHODS`` lists the behaviours beyond loss terms (``training/hooks.py``): each row's ``build``
+  returns the method's hooks when a config asks for the method, None otherwise.
+- ``RECIPES`` maps a recipe name to its YAML file and a one-line summary.
+
+A test checks that these tables, the recipe files shipped in ``tadistill/recipes/`` and the CLI agree.
+Adding a method: a new file (a term in ``training/terms.py``-style, and/or hooks in ``methods/``) and a
+row here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
 from tadistill import config as C
+from tadistill.methods import ammd, distillm, on_policy
 from tadistill.training import terms as T
 from tadistill.training.embedding_term import SentenceEmbeddingTerm
+
+
+def _clean_inputs(cfg: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What an objective kind needs from the models and the data.
+
+    teacher: the teachers it works with: "encoder" (masked LMs), "causal" (GPT-style) or "any".
+    head: the output head both models must have and whose outputs it reads: "mlm" (masked-LM logits),
+        "lm" (a causal LM's last hidden states and output layer, for the chunked losses) or None.
+    needs_teacher: False when it reads only the student and the data (the teacher is then never run).
+    offline: whether stored teacher signals (``tadistill cache-teacher``) can serve it.
+    masked_inputs: cfg -> whether the models see BERT-masked text (else clean text).
+    """
+
+    teacher: Literal["encoder", "causal", "any"] = "any"
+    head: Literal["mlm", "lm"] | None = None
+    needs_teacher: bool = True
+    offline: bool = True
+    masked_inputs: Callable[[Any], bool] = _clean_inputs
 
 
 @dataclass(frozen=True)
@@ -21,11 +55,16 @@ class ObjectiveEntry:
     config: type
     term: type
     paper: str
+    traits: Traits = Traits()
 
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {
-    "output-kl": ObjectiveEntry(C.OutputKL, T.OutputKLTerm, "Hinton et al. 2015; Sanh et al. 2019"),
-    "mlm": ObjectiveEntry(C.MaskedLM, T.MaskedLMTerm, "Devlin et al. 2019"),
+    "output-kl": ObjectiveEntry(C.OutputKL, T.OutputKLTerm, "Hinton et al. 2015; Sanh et al. 2019",
+                                Traits(teacher="encoder", head="mlm", offline=False,
+                                       masked_inputs=lambda cfg: cfg.positions == "masked")),
+    "mlm": ObjectiveEntry(C.MaskedLM, T.MaskedLMTerm, "Devlin et al. 2019",
+                          Traits(teacher="encoder", head="mlm", needs_teacher=False, offline=False,
+                                 masked_inputs=lambda cfg: True)),
     "hidden": ObjectiveEntry(C.HiddenStates, T.HiddenStatesTerm, "Jiao et al. 2020; comparative study, sec. 1"),
     "minilmv2": ObjectiveEntry(C.MiniLMv2, T.MiniLMv2Term, "Wang et al. 2021 (MiniLMv2)"),
     "minilm": ObjectiveEntry(C.MiniLM, T.MiniLMTerm, "Wang et al. 2020 (MiniLM)"),
@@ -33,10 +72,30 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "attention-mse": ObjectiveEntry(C.AttentionScoreMSE, T.AttentionScoreTerm, "Jiao et al. 2020 (TinyBERT)"),
     "embedding": ObjectiveEntry(C.SentenceEmbedding, SentenceEmbeddingTerm, "Reimers & Gurevych 2020, eq. 1"),
     "logits": ObjectiveEntry(
-        C.LogitDivergence, T.LogitDivergenceTerm, "Hinton et al. 2015; Agarwal et al. 2024 (GKD); Ko et al. 2024"
+        C.LogitDivergence, T.LogitDivergenceTerm, "Hinton et al. 2015; Agarwal et al. 2024 (GKD); Ko et al. 2024",
+        Traits(teacher="causal", head="lm"),
     ),
-    "lm": ObjectiveEntry(C.CausalLM, T.CausalLMTerm, "Radford et al. 2019; teacher-free continued pretraining"),
-    "moment-matching": ObjectiveEntry(C.MomentMatching, T.MomentMatchingTerm, "Jia 2024 (AMMD), reconstructed"),
+    "lm": ObjectiveEntry(C.CausalLM, T.CausalLMTerm, "Radford et al. 2019; teacher-free continued pretraining",
+                         Traits(teacher="causal", head="lm", needs_teacher=False)),
+    "moment-matching": ObjectiveEntry(C.MomentMatching, T.MomentMatchingTerm, "Jia 2024 (AMMD), reconstructed",
+                                      Traits(teacher="causal", head="lm", offline=False)),
+}
+
+
+def traits(kind: str) -> Traits:
+    return OBJECTIVES[kind].traits
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    build: Callable[..., Any]  # (config, parts) -> MethodHooks | None; parts: the lane's student and terms
+    paper: str
+
+
+METHODS: dict[str, MethodEntry] = {
+    "on-policy": MethodEntry(on_policy.build, "Agarwal et al. 2024 (GKD), alg. 1; Kim & Rush 2016 (seq-KD)"),
+    "distillm": MethodEntry(distillm.build, "Ko et al. 2024 (DistiLLM), sec. 3.2"),
+    "ammd-alternate": MethodEntry(ammd.build, "Jia 2024 (AMMD), alternating updates"),
 }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,16 @@ import yaml
 from pydantic import ValidationError
 
 from tadistill.config import DistillConfig
-from tadistill.data.prepare import heldout_texts, prepare_corpus
+from tadistill.data.prepare import heldout_texts
 from tadistill.errors import ConfigError, TadistillError
-from tadistill.evaluation.fidelity import TeacherEmbeddings
 from tadistill.fileio import atomic_write_text
 from tadistill.resolve import resolve_config
 from tadistill.study.config import StudyConfig
 from tadistill.study.studydir import _prepare_study_dir, read_status, write_status
-from tadistill.training.lane import SHARED_TRAIN_FIELDS, Lane, build_lane
-from tadistill.training.loop import TokenizerInfo, Trainer
-from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, load_teacher, new_accelerator, start_cosine
+from tadistill.training.lane import SHARED_TRAIN_FIELDS
 from tadistill.training.rundir import RunDir
+from tadistill.training.setup import Cell as TrainCell
+from tadistill.training.setup import RunSetup, new_accelerator
 
 
 @dataclass
@@ -119,62 +117,41 @@ def train_cells(cells: list[Cell], out: Path, *, progress: bool) -> None:
     if resuming:
         names = json.loads(pass_file.read_text(encoding="utf-8"))["cells"]
         todo = [c for c in cells if c.name in names]
-    configs = [c.config for c in todo]
-    state = new_accelerator(configs[0].train.precision)  # before any file is written: the processes' barriers
-    began = time.perf_counter()
-    tokenizer, teacher, t_arch = load_teacher(configs)
-    lanes: list[Lane] = []
-    for cell in todo:
-        try:
-            run = RunDir(out / "cells" / cell.name)
-            lane = build_lane(cell.name, cell.config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
-            lanes.append(lane)
-        except TadistillError as exc:
-            cell.error = str(exc)
-            if state.is_main_process:
-                write_status(out, cell.name, "failed", error=cell.error)
+    state = new_accelerator(todo[0].config.train.precision)  # before any file is written: the processes' barriers
+
+    def failed(cell: TrainCell, error: str) -> None:
+        next(c for c in todo if c.name == cell.name).error = error
+        if state.is_main_process:
+            write_status(out, cell.name, "failed", error=error)
+
+    setup = RunSetup([TrainCell(c.name, c.config, RunDir(out / "cells" / c.name)) for c in todo],
+                     accelerator=state, on_error=failed)
+    lanes = setup.lanes
     if not lanes:
         return
-    first = lanes[0].config
-    splits = prepare_corpus(first.data, tokenizer, seed=first.train.seed,
-                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
-    texts = splits.heldout_texts[:SUMMARY_TEXTS]
-    embeddings = TeacherEmbeddings(tokenizer, texts)  # the teacher's side of every lane's cosines, computed once
-    cosines = {lane.name: start_cosine(lane, teacher, tokenizer, texts, teacher_embeddings=embeddings)
-               for lane in lanes}
     state.wait_for_everyone()  # every process has read the study's state before the main one changes it
     if state.is_main_process:
         for lane in lanes:
             lane.run.prepare(lane.config, resume=resuming, overwrite=False)
         atomic_write_text(pass_file, json.dumps({"cells": [lane.name for lane in lanes]}))
-    accelerator = state
-    accelerator.wait_for_everyone()
-    state_yaml = yaml.safe_dump({lane.name: lane.config.model_dump(mode="json") for lane in lanes}, sort_keys=False)
-    trainer = Trainer(
-        lanes, accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
-        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=out / "checkpoints", state_yaml=state_yaml,
-        progress=progress, drop_failed_lanes=True,
-    )
-    result = trainer.run()
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
+    result = setup.train(out / "checkpoints", progress=progress, drop_failed_lanes=True)
+    state.wait_for_everyone()
     if result.stopped_early and any(lane.failed is None for lane in lanes):
         return  # train.stop_at: the pass continues with --resume
     for lane in lanes:
         if lane.failed:
-            if accelerator.is_main_process:
+            if state.is_main_process:
                 write_status(out, lane.name, "failed", error=lane.failed)
             continue
-        # Every process takes part (the full weights are gathered); the main one saves and writes.
-        finish_lane(lane, accelerator, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer, texts=texts,
-                    steps=result.final_step, train_tokens=splits.train.num_tokens(),
-                    cosine_start=cosines[lane.name], began=began, teacher_embeddings=embeddings)
-        if accelerator.is_main_process:
+        setup.finish(lane, result)  # every process takes part (the full weights are gathered); the main one saves
+        if state.is_main_process:
             write_status(out, lane.name, "trained")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    state.wait_for_everyone()
+    if state.is_main_process:
         pass_file.unlink()
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the students are saved; the pass is over
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------- evaluate

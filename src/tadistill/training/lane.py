@@ -10,7 +10,7 @@ what it would compute alone with the same seed.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,14 +23,11 @@ from tadistill.capture.heads import causal_lm_parts
 from tadistill.capture.hooks import Captured, CaptureRequest
 from tadistill.config import DistillConfig
 from tadistill.errors import ConfigError
-from tadistill.registry import OBJECTIVES
+from tadistill.registry import METHODS, OBJECTIVES, traits
 from tadistill.students.spec import build_student_from_spec
-from tadistill.training.replay import AdaptiveOffPolicy, ReplayBuffer
+from tadistill.training.hooks import MethodHooks
 from tadistill.training.rundir import RunDir
-from tadistill.training.terms import ModelOutputs, Term, merge_requests
-
-MASKED_LM_KINDS = ("output-kl", "mlm")
-CAUSAL_LM_KINDS = ("logits", "lm", "moment-matching")
+from tadistill.training.terms import NORMALIZERS, ModelOutputs, Term, merge_requests
 
 # Settings every lane of one pass must share: they define the batches and the step count.
 SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every", "eval_batches", "save_every",
@@ -38,15 +35,20 @@ SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every"
 
 
 class Distiller(nn.Module):
-    """Student + loss terms in one module, so that one DDP / FSDP wrapper covers every trained weight."""
+    """Student + loss terms + the methods' learned modules in one module, so that one DDP / FSDP wrapper and
+    one optimizer cover every trained weight."""
 
-    def __init__(self, student: nn.Module, terms: list[Term], *, causal: bool = False):
+    def __init__(self, student: nn.Module, terms: list[Term], *, causal: bool = False,
+                 modules: dict[str, nn.Module] | None = None):
         super().__init__()
         self.student = student
         self.terms = nn.ModuleList(terms)
+        if modules:
+            self.methods = nn.ModuleDict(modules)
         self.causal = causal
-        self.needs_logits = any(t.needs_logits for t in terms)
-        self.needs_causal_head = any(t.needs_causal_head for t in terms)
+        heads = {traits(t.kind).head for t in terms if t.kind in OBJECTIVES}
+        self.needs_logits = "mlm" in heads  # the masked-LM logits (B, T, V)
+        self.needs_causal_head = "lm" in heads  # a causal LM's last hidden states and output layer
 
     def forward(self, inputs: dict[str, Tensor], batch: dict[str, Tensor], teacher: ModelOutputs, captured: Captured):
         if self.causal:
@@ -91,7 +93,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @dataclass
+class LaneParts:
+    """What a method's ``build`` sees: the lane's student and its objectives' terms."""
+
+    student: nn.Module
+    student_arch: Architecture
+    terms: list[Term]
+
+
+@dataclass
 class Lane:
+    """One student and everything that is its own, complete once ``build_lane`` returns.
+
+    ``model`` is the distiller until the trainer wraps it (``accelerator.prepare``: DDP, FSDP ...).
+    """
+
     name: str
     config: DistillConfig
     run: RunDir
@@ -99,19 +115,17 @@ class Lane:
     student_arch: Architecture
     terms: list[Term]
     distiller: Distiller
-    rng: dict[str, Any] = field(default_factory=_rng_state)
-    model: nn.Module | None = None  # the prepared (possibly wrapped) distiller
-    optimizer: Any = None
-    scheduler: Any = None
+    methods: list[MethodHooks]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rng: dict[str, Any]
+    model: nn.Module
     failed: str | None = None
-    captured: Captured | None = None  # set while the loop's capture context is open
-    sources: dict[str, int] = field(default_factory=dict)  # micro-batches per continuation source (logged)
-    adaptive: AdaptiveOffPolicy | None = None  # DistiLLM's schedule and its replay buffer (on_policy.adaptive)
-    replay: ReplayBuffer | None = None
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for t in self.terms) or self.config.on_policy.teacher_fraction > 0
+        return (any(traits(t.kind).needs_teacher for t in self.terms if t.kind in OBJECTIVES)
+                or any(m.uses_teacher for m in self.methods))
 
     @property
     def request(self) -> CaptureRequest:
@@ -123,8 +137,8 @@ class Lane:
 
     @property
     def masked_inputs(self) -> bool:
-        """Relation / hidden-state terms see clean text; masked-LM terms see BERT-masked text."""
-        return any(t.kind == "mlm" or (t.kind == "output-kl" and t.cfg.positions == "masked") for t in self.terms)
+        """Relation / hidden-state terms see clean text; masked-LM terms see BERT-masked text (a trait)."""
+        return any(traits(t.kind).masked_inputs(t.cfg) for t in self.terms if t.kind in OBJECTIVES)
 
     @property
     def weights(self) -> Tensor:
@@ -132,8 +146,8 @@ class Lane:
 
     @property
     def normalizers(self) -> list[int]:
-        """Per term: 0 = divide by valid tokens, 1 = by masked-LM positions."""
-        return [0 if t.normalizer == "tokens" else 1 for t in self.terms]
+        """Per term: the index in the loop's counts (terms.NORMALIZERS) its sum is divided by."""
+        return [NORMALIZERS.index(t.normalizer) for t in self.terms]
 
     @contextmanager
     def own_random_stream(self):
@@ -146,60 +160,113 @@ class Lane:
             self.rng = _rng_state()
             _set_rng_state(outer)
 
-    def optimizer_and_schedule(self):
-        tc = self.config.train
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
-            ],
-            lr=tc.lr,
-            betas=tc.adam_betas,
-            eps=tc.adam_eps,
-        )
-        warmup = max(tc.warmup_steps, int(tc.warmup_ratio * tc.steps))
-        names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-        scheduler = get_scheduler(names[tc.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=tc.steps)
-        return optimizer, scheduler
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the lane beyond its weights and optimizer: plain values and tensors."""
+        return {"rng": self.rng, "failed": self.failed, "scheduler": self.scheduler.state_dict(),
+                "methods": {m.name: m.state_dict() for m in self.methods}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng, self.failed = state["rng"], state["failed"]
+        # The schedule continues where it stopped, with the current config's peak learning rates and schedule
+        # (train.lr / schedule / warmup may change on --resume, e.g. after a NaN stop): the step count comes from
+        # the checkpoint, the rates from the freshly built scheduler.
+        fresh = list(self.scheduler.base_lrs)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = fresh
+        rates = [base * fn(self.scheduler.last_epoch) for base, fn in zip(fresh, self.scheduler.lr_lambdas)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
+        for method in self.methods:
+            method.load_state_dict(state["methods"][method.name])
+
+    def log_values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for method in self.methods:
+            out.update(method.log_values())
+        return out
+
+
+def _optimizer_and_schedule(config: DistillConfig, distiller: Distiller, methods: list[MethodHooks]):
+    """AdamW (decoupled decay on matrices only) and the warmup + decay schedule; methods may group their own."""
+    tc = config.train
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    groups, own = [], set()
+    for method in methods:
+        mine = [p for m in method.modules().values() for p in m.parameters() if p.requires_grad]
+        custom = method.param_groups(mine) if mine else None
+        if custom:
+            groups += custom
+            own |= {id(p) for p in mine}
+    rest = [p for p in params if id(p) not in own]
+    groups = [
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},  # biases, norms
+        *groups,
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps)
+    warmup = max(tc.warmup_steps, int(tc.warmup_ratio * tc.steps))
+    names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    scheduler = get_scheduler(names[tc.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=tc.steps)
+    return optimizer, scheduler
+
+
+def check_objectives(config: DistillConfig, teacher_arch: Architecture, tokenizer) -> None:
+    """The user errors of a config against its teacher, from the objectives' traits (one line each)."""
+    active = [o for o in config.objectives if o.weight > 0]
+    if not active:
+        raise ConfigError("every objective has weight 0: give at least one a positive weight")
+    kinds = {o.kind: traits(o.kind) for o in active}
+    encoder_only = [k for k, t in kinds.items() if t.teacher == "encoder"]
+    causal_only = [k for k, t in kinds.items() if t.teacher == "causal"]
+    if teacher_arch.causal and encoder_only:
+        raise ConfigError(f"{', '.join(encoder_only)} are masked-LM objectives and teacher {config.teacher!r} is a "
+                          "causal LM: use the logits / lm objectives (recipes kd, gkd, teacher-free)")
+    if not teacher_arch.causal and causal_only:
+        raise ConfigError(f"{', '.join(causal_only)} need a causal-LM teacher (GPT-2, Llama ...) and "
+                          f"{config.teacher!r} is an encoder: use output-kl / mlm (recipes od, distilbert)")
+    masked_lm = [k for k, t in kinds.items() if t.head == "mlm"]
+    if masked_lm and tokenizer.mask_token_id is None:
+        raise ConfigError(f"teacher {config.teacher!r} has no [MASK] token: masked-LM objectives need one")
+    if config.teacher_signals:
+        online = [k for k, t in kinds.items() if not t.offline]
+        if online:
+            raise ConfigError(f"teacher_signals do not support {', '.join(online)}: run with the live teacher")
+
+
+def student_head(config: DistillConfig, teacher_arch: Architecture) -> str:
+    """The head the student is built with: a causal student always keeps its LM head (so that
+    AutoModelForCausalLM loads it and it can generate); an encoder gets its MLM head when an objective reads it."""
+    if teacher_arch.causal:
+        return "causal-lm"
+    return "mlm" if any(traits(o.kind).head == "mlm" for o in config.objectives if o.weight > 0) else "base"
 
 
 def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Module, teacher_arch: Architecture,
                tokenizer) -> Lane:
-    """Student, terms and random stream of one lane, from its config; raises on a config that cannot work.
+    """Student, terms, methods, optimizer and random stream of one lane; raises on a config that cannot work.
 
     The global seed is set here, right before anything random is drawn, so a lane starts from the same
     weights and stream whether it is built alone or among others.
     """
+    check_objectives(config, teacher_arch, tokenizer)
     set_seed(config.train.seed)
-    active = [o for o in config.objectives if o.weight > 0]
-    if not active:
-        raise ConfigError("every objective has weight 0: give at least one a positive weight")
-    masked_lm = [o.kind for o in active if o.kind in MASKED_LM_KINDS]
-    causal_lm = [o.kind for o in active if o.kind in CAUSAL_LM_KINDS]
-    if teacher_arch.causal and masked_lm:
-        raise ConfigError(f"{', '.join(masked_lm)} are masked-LM objectives and teacher {config.teacher!r} is a causal "
-                          "LM: use the logits / lm objectives (recipes kd, gkd, teacher-free)")
-    if not teacher_arch.causal and causal_lm:
-        raise ConfigError(f"{', '.join(causal_lm)} need a causal-LM teacher (GPT-2, Llama ...) and {config.teacher!r} "
-                          "is an encoder: use output-kl / mlm (recipes od, distilbert)")
-    if config.on_policy.samples and not teacher_arch.causal:
-        raise ConfigError("on-policy sampling needs a causal-LM teacher and student: set on_policy.fraction=0")
-    if masked_lm and tokenizer.mask_token_id is None:
-        raise ConfigError(f"teacher {config.teacher!r} has no [MASK] token: masked-LM objectives need one")
-    # A causal student always keeps its LM head, so that AutoModelForCausalLM loads it and it can generate.
-    head = "causal-lm" if teacher_arch.causal else "mlm" if masked_lm else "base"
-    student = build_student_from_spec(config, teacher, tokenizer, head=head)
+    student = build_student_from_spec(config, teacher, tokenizer, head=student_head(config, teacher_arch))
     student_arch = resolve_architecture(student)
-    terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in active]
-    lane = Lane(name, config, run, student, student_arch, terms,
-                Distiller(student, terms, causal=student_arch.causal))
-    op = config.on_policy
-    if op.adaptive:
-        lane.adaptive = AdaptiveOffPolicy(total_steps=config.train.steps, capacity=op.replay_capacity,
-                                          initial=op.adaptive_initial, schedule=op.replay_schedule)
-        lane.replay = ReplayBuffer(op.replay_capacity)
-    return lane
+    terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in config.objectives if o.weight > 0]
+    parts = LaneParts(student, student_arch, terms)
+    methods = [m for entry in METHODS.values() if (m := entry.build(config, parts)) is not None]
+    sampling = [m.name for m in methods if type(m).continuation is not MethodHooks.continuation]
+    if len(sampling) > 1:
+        raise ConfigError(f"methods {', '.join(sampling)} both choose where continuations come from: keep one")
+    modules: dict[str, nn.Module] = {}
+    for method in methods:
+        terms += method.terms()
+        modules.update({f"{method.name}.{k}".replace(".", "_"): v for k, v in method.modules().items()})
+    distiller = Distiller(student, terms, causal=student_arch.causal, modules=modules)
+    optimizer, scheduler = _optimizer_and_schedule(config, distiller, methods)
+    return Lane(name, config, run, student, student_arch, terms, distiller, methods, optimizer, scheduler,
+                rng=_rng_state(), model=distiller)
 
 
 def check_shared(lanes: list[Lane]) -> None:

@@ -37,13 +37,12 @@ from tadistill.data.masking import mask_tokens
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tadistill.training.lane import Lane, check_shared, compile_forward
-from tadistill.training.sampling import SOURCES, draw_source, sample_continuations
+from tadistill.training.hooks import SAMPLED_BY, ContinuationRequest
+from tadistill.training.lane import Lane, _rng_state, _set_rng_state, check_shared, compile_forward
+from tadistill.training.sampling import sample_continuations
 from tadistill.training.signals import Interrupted, StopSignals
 from tadistill.training.teacher_cache import TeacherSignals
-from tadistill.training.terms import ModelOutputs, merge_requests
-
-SAMPLED_BY = {"student": 1, "teacher": 2, "replay": 3}  # batch["sampled_by"]; dataset batches carry none
+from tadistill.training.terms import NORMALIZERS, ModelOutputs, merge_requests
 
 
 @dataclass
@@ -84,6 +83,7 @@ class LoopResult:
     stopped_early: bool = False
     interrupted: int | None = None  # the signal that stopped the run (after a checkpoint)
     evaluations: dict[str, list[dict]] = field(default_factory=dict)  # lane -> eval rows logged now
+    tokens_seen: int = 0  # valid tokens of the dataset batches trained on so far, every process (resumed too)
 
 
 def _seed_for(*parts: object) -> int:
@@ -136,15 +136,22 @@ def make_batch(
 
 
 def _counts(batches: list[dict[str, Tensor]], device) -> Tensor:
-    """(2,) valid tokens and masked positions of the given micro-batches, float64 on ``device``.
+    """(4,) counts of the given micro-batches, one per terms.NORMALIZERS entry, float64 on ``device``:
+    valid tokens, positions with a label, sequences, micro-batches.
 
     Summed on the device, never read back here: the loop reads its host values once per step.
     """
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    counts = torch.zeros(len(NORMALIZERS), dtype=torch.float64, device=device)
     for b in batches:
         counts[0] += b["attention_mask"].sum(dtype=torch.float64)
         counts[1] += (b["labels"] != -100).sum(dtype=torch.float64)
+        counts[2] += b["attention_mask"].shape[0]
+        counts[3] += 1
     return counts
+
+
+def _variant_key(masked: bool) -> str:
+    return "masked" if masked else "clean"
 
 
 def _inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -187,7 +194,7 @@ class Trainer:
         self.order = BatchOrder(len(train), self.cfg.train.batch_size, seed=self.cfg.train.seed)
         # Input variants the teacher must see, and for which of them lanes need its logits.
         self.variants = sorted({lane.masked_inputs for lane in lanes})
-        self.logit_variants = {lane.masked_inputs for lane in lanes if lane.distiller.needs_logits}
+        self.logit_variants = {lane.masked_inputs for lane in lanes if lane.distiller.needs_logits and lane.needs_teacher}
         self.teacher_head = any(lane.distiller.needs_causal_head and lane.needs_teacher for lane in lanes)
         self.teacher_request = merge_requests([lane.teacher_request for lane in lanes])
         if self.teacher is not None:
@@ -202,12 +209,11 @@ class Trainer:
         for lane in lanes:
             if self.cfg.train.compile:
                 compile_forward(lane.student)
-            optimizer, scheduler = lane.optimizer_and_schedule()
-            lane.model, lane.optimizer = accelerator.prepare(lane.distiller, optimizer)
-            # The schedule is stepped once per optimizer step by us (a prepared scheduler would step
-            # once per process); it is still saved and restored with the checkpoints.
-            lane.scheduler = scheduler
-            accelerator.register_for_checkpointing(scheduler)
+            # The schedule is not prepared: we step it once per optimizer step (a prepared scheduler would step
+            # once per process), and it is checkpointed with the lane's own state (Lane.state_dict).
+            lane.model, lane.optimizer = accelerator.prepare(lane.distiller, lane.optimizer)
+        self.tokens_seen = 0
+        self.captured: dict[str, Captured] = {}  # lane -> its student's capture, while the loop's context is open
         self.writers: dict[str, SummaryWriter] = {}
 
     # ------------------------------------------------------------------------------------- batches
@@ -231,42 +237,38 @@ class Trainer:
             out.append(MicroBatch(number, sequences, prompts, variants, indices))
         return out
 
-    def _lane_batch(self, lane: Lane, micro: MicroBatch, step: int) -> tuple[object, dict[str, Tensor]]:
+    def _lane_batch(self, lane: Lane, micro: MicroBatch, step: int) -> tuple[str | None, dict[str, Tensor]]:
         """The batch ``lane`` trains on for ``micro``, and the key its teacher outputs are shared under.
 
-        Dataset continuations are shared by every lane (one teacher forward); sampled ones are the lane's own.
-        The draws use generators seeded by (train.seed, batch number): equal in a study and alone, and on resume.
+        Dataset continuations are shared by every lane ("clean" / "masked": one teacher forward each); a method
+        may replace them (``MethodHooks.continuation``: sampled or replayed), and those are the lane's own (key
+        None). The draws use generators seeded by (train.seed, batch number): equal in a study and alone, and on
+        resume.
         """
-        cfg, seed = lane.config.on_policy, self.cfg.train.seed
-        source = "dataset"
-        if lane.adaptive is not None:  # DistiLLM: dataset, fresh student outputs, or replayed ones
-            decision = lane.adaptive.decide(torch.Generator().manual_seed(_seed_for(seed, "policy", micro.number)),
-                                            len(lane.replay), step=step - 1)
-            source = {"dataset": "dataset", "generate": "student", "replay": "replay"}[decision]
-        elif cfg.samples:  # GKD: student with probability lambda, teacher (seq-KD) with teacher_fraction
-            source = draw_source(cfg, torch.Generator().manual_seed(_seed_for(seed, "policy", micro.number)))
-        lane.sources[source] = lane.sources.get(source, 0) + 1
-        if source == "dataset":
-            return lane.masked_inputs, micro.variants[lane.masked_inputs]
-        if source == "replay":
-            sequences, prompt_lengths = lane.replay.sample(
-                len(micro.sequences), torch.Generator().manual_seed(_seed_for(seed, "replay", micro.number)))
-            batch = self._batch(sequences, prompt_lengths, masked=False, seed=0)
-            batch["sampled_by"] = torch.tensor(SAMPLED_BY["replay"])
-            return (lane.name, source), batch
-        model = self.acc.unwrap_model(lane.model).student if source == "student" else self.teacher
-        generator = torch.Generator(self.acc.device).manual_seed(_seed_for(seed, "sample", micro.number))
-        prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
-        sequences = sample_continuations(
-            model, prompts, max_length=self.cfg.data.max_length, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-            generator=generator,
+        seed = self.cfg.train.seed
+
+        def sample(who: str) -> list[Tensor]:
+            model = self.acc.unwrap_model(lane.model).student if who == "student" else self.teacher
+            generator = torch.Generator(self.acc.device).manual_seed(_seed_for(seed, "sample", micro.number))
+            prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
+            oc = lane.config.on_policy
+            return sample_continuations(
+                model, prompts, max_length=self.cfg.data.max_length, max_new_tokens=oc.max_new_tokens,
+                temperature=oc.temperature, top_p=oc.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                generator=generator,
+            )
+
+        request = ContinuationRequest(
+            micro.number, step, micro.sequences, micro.prompt_lengths, sample,
+            lambda purpose: torch.Generator().manual_seed(_seed_for(seed, purpose, micro.number)),
         )
-        if lane.replay is not None:
-            lane.replay.push(sequences, micro.prompt_lengths)
-        batch = self._batch(sequences, micro.prompt_lengths, masked=False, seed=0)
-        batch["sampled_by"] = torch.tensor(SAMPLED_BY[source])  # AMMD tells on- from off-policy batches
-        return (lane.name, source), batch
+        for method in lane.methods:
+            continuation = method.continuation(request)
+            if continuation is not None:
+                batch = self._batch(continuation.sequences, continuation.prompt_lengths, masked=False, seed=0)
+                batch["sampled_by"] = torch.tensor(SAMPLED_BY[continuation.source])
+                return None, batch
+        return _variant_key(lane.masked_inputs), micro.variants[lane.masked_inputs]
 
     def _teacher_outputs(self, batch: dict[str, Tensor], captured: Captured, masked: bool,
                          indices: tuple[str, list[int]] | None = None) -> ModelOutputs:
@@ -306,7 +308,7 @@ class Trainer:
         tc, device = self.cfg.train, self.acc.device
         lanes = self._active()
         sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=device) for lane in lanes}
-        counts = {v: torch.zeros(2, dtype=torch.float64, device=device) for v in self.variants}
+        counts = {v: torch.zeros(len(NORMALIZERS), dtype=torch.float64, device=device) for v in self.variants}
         n = min(len(self.heldout), tc.eval_batches * tc.batch_size)
         for lane in lanes:
             lane.model.eval()
@@ -321,7 +323,8 @@ class Trainer:
                 for lane in lanes:
                     if lane.masked_inputs == masked:
                         with lane.own_random_stream(), self.acc.autocast():
-                            sums[lane.name] += lane.model(_inputs(batch), batch, teacher, lane.captured).double()
+                            sums[lane.name] += lane.model(_inputs(batch), batch, teacher,
+                                                          self.captured[lane.name]).double()
         rows = {}
         for lane in lanes:
             lane.model.train()
@@ -339,7 +342,7 @@ class Trainer:
         acc = self.acc
         with lane.own_random_stream(), nullcontext() if sync else acc.no_sync(lane.model):
             with acc.autocast():
-                sums = lane.model(_inputs(batch), batch, teacher, lane.captured)
+                sums = lane.model(_inputs(batch), batch, teacher, self.captured[lane.name])
             acc.backward((sums * scale.to(sums.dtype)).sum())
         return sums.detach().double()
 
@@ -353,8 +356,8 @@ class Trainer:
             parts = ", ".join(f"{t.kind}: {float(v):.4g}" for t, v in zip(lane.terms, values))
             lane.failed = f"loss is {loss} at step {step} ({parts})"
             return None
-        for term in lane.terms:  # alternating schemes (AMMD): one player waits this step
-            for param in term.held_parameters(step, lane.distiller):
+        for method in lane.methods:  # alternating schemes (AMMD): one player waits this step
+            for param in method.held_parameters(step):
                 param.grad = None
         tc = lane.config.train
         grad_norm = acc.clip_grad_norm_(lane.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
@@ -365,11 +368,7 @@ class Trainer:
         row.update({f"loss/{t.kind}": float(v) for t, v in zip(lane.terms, values)})
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
-        if lane.config.on_policy.samples:  # GKD: the fraction of micro-batches drawn from each source so far
-            total = max(sum(lane.sources.values()), 1)
-            row.update({f"policy/{name}": lane.sources.get(name, 0) / total for name in SOURCES})
-            if lane.adaptive is not None:
-                row["policy/phi"] = lane.adaptive.probability
+        row.update(lane.log_values())
         return row
 
     def _step(self, step: int, t_cap: Captured) -> tuple[dict[str, dict], float, list[Lane]]:
@@ -382,14 +381,14 @@ class Trainer:
         plans = {lane.name: [self._lane_batch(lane, m, step) for m in micros] for lane in lanes}
         local = [_counts([b for _, b in plans[lane.name]], acc.device) for lane in lanes]
         local.append(_counts([m.variants[self.variants[0]] for m in micros], acc.device))  # data tokens (speed)
-        counts = acc.reduce(torch.stack(local), reduction="sum")  # (lanes + 1, 2)
+        counts = acc.reduce(torch.stack(local), reduction="sum")  # (lanes + 1, len(NORMALIZERS))
         denominators = {lane.name: counts[i][lane.normalizers].clamp_min(1) for i, lane in enumerate(lanes)}
         scales = {lane.name: lane.weights.to(acc.device) * self.world / denominators[lane.name] for lane in lanes}
         sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device) for lane in lanes}
         # Micro-batch outer, lanes inner: the teacher's signals of one micro-batch are alive at a time, and
         # dataset batches share one teacher forward.
         for i in range(len(micros)):
-            teachers: dict[object, ModelOutputs] = {}
+            teachers: dict[str, ModelOutputs] = {}  # shared dataset variant -> the teacher's outputs
             for lane in lanes:
                 key, batch = plans[lane.name][i]
                 if not lane.needs_teacher:  # teacher-free lanes never trigger (nor wait for) a teacher forward
@@ -397,9 +396,8 @@ class Trainer:
                 elif key in teachers:
                     teacher = teachers[key]
                 else:
-                    teacher = self._teacher_outputs(batch, t_cap, key if isinstance(key, bool) else False,
-                                                    ("train", micros[i].indices))
-                    if isinstance(key, bool):  # dataset batches are shared; a lane's own samples are not
+                    teacher = self._teacher_outputs(batch, t_cap, key == "masked", ("train", micros[i].indices))
+                    if key is not None:  # dataset batches are shared; a lane's own continuations are not
                         teachers[key] = teacher
                 sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name],
                                                        sync=i == len(micros) - 1)
@@ -419,12 +417,10 @@ class Trainer:
         start_step, ckpt = 0, latest_checkpoint(self.checkpoints)
         if ckpt is not None:
             start_step, extra = load_checkpoint(acc, ckpt)
+            _set_rng_state(extra["rng"])
+            self.tokens_seen = int(extra.get("tokens_seen", 0))
             for lane in self.lanes:
-                saved = extra["lanes"][lane.name]
-                lane.rng, lane.failed, lane.sources = saved["rng"], saved["failed"], dict(saved.get("sources", {}))
-                if lane.adaptive is not None:
-                    lane.adaptive.load_state_dict(saved["adaptive"])
-                    lane.replay.load_state_dict(saved["replay"])
+                lane.load_state_dict(extra["lanes"][lane.name])
         if acc.is_main_process:
             for lane in self.lanes:
                 # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
@@ -437,7 +433,7 @@ class Trainer:
         with ExitStack() as stack:
             signals = stack.enter_context(StopSignals())
             for lane in self.lanes:
-                lane.captured = stack.enter_context(capture(lane.student, lane.student_arch, lane.request))
+                self.captured[lane.name] = stack.enter_context(capture(lane.student, lane.student_arch, lane.request))
             t_cap = (stack.enter_context(capture(self.teacher, self.teacher_arch, self.teacher_request))
                      if self.teacher is not None else Captured())
             if start_step == 0:
@@ -451,6 +447,7 @@ class Trainer:
                     self._lane_failed(lane, step, last_good)
                 result.final_step = step
                 tokens_since += tokens
+                self.tokens_seen += int(tokens)
                 if step % tc.log_every == 0 or step == stop_at:
                     speed = tokens_since / max(time.perf_counter() - tick, 1e-9)
                     for name, row in rows.items():
@@ -474,6 +471,7 @@ class Trainer:
         for writer in self.writers.values():
             writer.close()
         result.stopped_early = result.final_step < tc.steps
+        result.tokens_seen = self.tokens_seen
         if result.interrupted:
             name = signal.Signals(result.interrupted).name
             raise Interrupted(f"stopped by {name} after step {result.final_step}: checkpoint {last_good} written; "
@@ -513,10 +511,8 @@ class Trainer:
         self._log(lane, {"step": step, "failed": lane.failed})
 
     def _save(self, step: int) -> Path:
-        extra = {"lanes": {lane.name: {"rng": lane.rng, "failed": lane.failed, "sources": lane.sources,
-                                       "adaptive": lane.adaptive.state_dict() if lane.adaptive else None,
-                                       "replay": lane.replay.state_dict() if lane.replay else None}
-                           for lane in self.lanes}}
+        extra = {"rng": _rng_state(), "tokens_seen": self.tokens_seen,
+                 "lanes": {lane.name: lane.state_dict() for lane in self.lanes}}
         return save_checkpoint(self.acc, self.checkpoints, step, config_yaml=self.state_yaml,
                                keep=self.cfg.train.keep_checkpoints, extra=extra)
 
@@ -534,7 +530,7 @@ class Trainer:
         for name, values in self.evaluate(t_cap).items():
             row = {"step": step, **values}
             lane = self._lane(name)
-            if lane.adaptive is not None:  # DistiLLM: a rising held-out loss raises the student-output probability
-                row["policy/phi"] = lane.adaptive.update(values["eval/loss"])
-            self._log(self._lane(name), row)
+            for method in lane.methods:  # e.g. DistiLLM: a rising held-out loss raises the student-output share
+                row.update(method.after_evaluation(values))
+            self._log(lane, row)
             result.evaluations.setdefault(name, []).append(row)

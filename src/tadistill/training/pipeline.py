@@ -1,4 +1,4 @@
-"""The steps around the loop shared by a single run and a study: teacher, accelerator, finishing a lane."""
+"""Around the loop: a lane's cosine before training, and finishing it (saved student, summary.json)."""
 
 from __future__ import annotations
 
@@ -10,46 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
 
-from tadistill.capture.architectures import resolve_architecture
-from tadistill.config import DistillConfig
-from tadistill.evaluation.cost import count_parameters
-from tadistill.evaluation.fidelity import TeacherEmbeddings
-from tadistill.fileio import atomic_write_text
-from tadistill.evaluation.intrinsic import causal_perplexity
-from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
+from tadistill.measure.parameters import count_parameters
+from tadistill.measure.embeddings import TeacherEmbeddings
+from safetensors.torch import save
+
+from tadistill.fileio import atomic_open, atomic_write_text
+from tadistill.measure.perplexity import causal_perplexity
+from tadistill.loading import resolve_model_path
 from tadistill.training.lane import Lane
 
+MODULES_FILE = "modules.safetensors"  # a lane's learned modules (terms' projections, methods' modules)
 SUMMARY_TEXTS = 256  # held-out texts used for the embedding-similarity summary
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-
-
-def load_teacher(configs: list[DistillConfig]):
-    """Tokenizer, teacher and its architecture.
-
-    Encoders get their MLM head when any config needs its logits; causal LMs always get their LM head
-    (the logit terms need it, and a truncated student copies an untied one).
-    """
-    first = configs[0]
-    needs_logits = any(o.kind == "output-kl" and o.weight > 0 for c in configs for o in c.objectives)
-    causal = is_causal_lm(load_model_config(first.teacher, trust_remote_code=first.trust_remote_code))
-    tokenizer = load_tokenizer(first.teacher, trust_remote_code=first.trust_remote_code)
-    head = "causal-lm" if causal else "mlm" if needs_logits else "base"
-    teacher = load_pretrained(first.teacher, head=head, trust_remote_code=first.trust_remote_code)
-    return tokenizer, teacher, resolve_architecture(teacher)
-
-
-def new_accelerator(precision: str) -> Accelerator:
-    # Accelerate keeps its state in a process-wide singleton that refuses a second Accelerator with
-    # another precision; reset it (keeping any process group) so that one Python process can run several
-    # distillations, e.g. a notebook, a study, or the teacher-assistant chain.
-    AcceleratorState._reset_state()
-    # Students carry weights no objective reaches (BERT's pooler; blocks above the last mapped layer), and
-    # DDP refuses a step where a parameter got no gradient unless told to look for them.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
 
 
 def start_cosine(
@@ -116,7 +89,7 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_d
 
 def finish_lane(
     lane: Lane, accelerator: Accelerator, *, teacher, teacher_arch, tokenizer, texts: list[str], steps: int,
-    train_tokens: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
+    split_tokens: int, tokens_seen: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
     teacher_embeddings: TeacherEmbeddings | None = None,
 ) -> dict[str, Any]:
     """Save the student and write summary.json (main process); return the summary.
@@ -133,6 +106,10 @@ def finish_lane(
     weights = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
     save_student(final, tokenizer, run.student, teacher_dir=Path(resolve_model_path(config.teacher)),
                  state_dict=weights)
+    modules = {k: v.contiguous() for k, v in full.items() if not k.startswith("student.")}
+    if modules:  # the learned modules (projections, masks ...): a next stage may start from them (carry_modules)
+        with atomic_open(run.root / MODULES_FILE, "wb") as handle:
+            handle.write(save(modules))
     evals = [r for r in run.read_metrics() if "eval/loss" in r]
     s_arch, t_arch = lane.student_arch, teacher_arch
     summary = {
@@ -144,7 +121,8 @@ def finish_lane(
         "teacher_parameters": count_parameters(teacher) if teacher is not None else teacher_parameters,
         "student_parameters": count_parameters(final),
         "steps": steps,
-        "train_tokens": train_tokens,
+        "train_split_tokens": split_tokens,  # tokens in the corpus's training split
+        "tokens_seen": tokens_seen,  # tokens trained on (valid tokens of every batch, all processes)
         "heldout_loss_start": evals[0]["eval/loss"] if evals else None,
         "heldout_loss_end": evals[-1]["eval/loss"] if evals else None,
         "embedding_cosine_start": cosine_start,

@@ -21,6 +21,7 @@ from tadistill import config as C
 from tadistill.capture.architectures import Architecture
 from tadistill.capture.attention import attention_logits
 from tadistill.capture.hooks import Captured, CaptureRequest
+from tadistill.training.hooks import sampled_by
 from tadistill.errors import ConfigError
 from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence, default_chunk_size
 from tadistill.objectives.attention import (
@@ -32,7 +33,9 @@ from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on
 from tadistill.objectives.output import mlm_cross_entropy, soft_target_kl
 
 
-SAMPLED_BY_STUDENT = 1  # batch["sampled_by"] (training/loop.py SAMPLED_BY): the student's own fresh samples
+# What a term's sum is divided by, counted over the whole optimizer step and every process: valid tokens,
+# positions with a label (masked-LM positions, or a causal LM's next-token targets), sequences, micro-batches.
+NORMALIZERS = ("tokens", "targets", "sequences", "batches")
 
 
 @dataclass
@@ -69,10 +72,9 @@ def _linear(d_in: int, d_out: int) -> nn.Module:
 class Term(nn.Module):
     """Base: subclasses set the requests in __init__ and implement forward -> summed loss."""
 
+    # The global count the loop divides this term's sum by (one of NORMALIZERS). What a term reads from the
+    # models (logits, a causal LM's head, the teacher at all) is a trait of its kind, in registry.OBJECTIVES.
     normalizer = "tokens"
-    needs_logits = False  # the masked-LM logits of both models
-    needs_causal_head = False  # a causal LM's last hidden states and output layer (chunked losses)
-    needs_teacher = True
 
     def __init__(self, cfg, student: Architecture, teacher: Architecture):
         super().__init__()
@@ -86,15 +88,10 @@ class Term(nn.Module):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def held_parameters(self, step: int, distiller: nn.Module) -> list[nn.Parameter]:
-        """Parameters NOT updated at optimizer step ``step`` (alternating schemes); their gradients are dropped."""
-        return []
-
 
 class OutputKLTerm(Term):
     """OD / DistilBERT soft targets: tau^2 KL(p_T^tau || p_S^tau) of masked-LM distributions."""
 
-    needs_logits = True
 
     def __init__(self, cfg: C.OutputKL, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
@@ -114,7 +111,6 @@ class MaskedLMTerm(Term):
     """Hard masked-LM loss on the corpus labels."""
 
     normalizer = "targets"
-    needs_logits = True
 
     def forward(self, student, teacher, batch):
         return mlm_cross_entropy(student.logits, batch["labels"])
@@ -129,7 +125,6 @@ class LogitDivergenceTerm(Term):
     """
 
     normalizer = "targets"
-    needs_causal_head = True
 
     def __init__(self, cfg: C.LogitDivergence, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
@@ -152,8 +147,6 @@ class CausalLMTerm(Term):
     """The student's own next-token cross-entropy on the corpus (needs no teacher)."""
 
     normalizer = "targets"
-    needs_causal_head = True
-    needs_teacher = False
 
     def __init__(self, cfg: C.CausalLM, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
@@ -336,7 +329,6 @@ class MomentMatchingTerm(Term):
     """
 
     normalizer = "targets"
-    needs_causal_head = True
 
     def __init__(self, cfg: C.MomentMatching, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
@@ -354,21 +346,13 @@ class MomentMatchingTerm(Term):
         log_q_s, log_q_t = log_q_s[..., :v].log_softmax(-1), log_q_t[..., :v].log_softmax(-1)
         q = self.q_head(teacher.last_hidden)  # (B, T, V)
         y = batch["labels"].clamp_min(0)
-        if int(batch.get("sampled_by", torch.tensor(0))) == SAMPLED_BY_STUDENT:
+        if sampled_by(batch) == "student":
             part = on_policy_term(q, log_q_s, log_q_t, y, mask, reward_to_go=self.cfg.reward_to_go,
                                   baseline=self.cfg.baseline)
         else:
             part = off_policy_term(q, log_q_s, y, mask)
         # Value: the moment gap; gradient: the student's descent plus the Q head's ascent.
         return part.student_loss + (part.q_loss - part.q_loss.detach())
-
-    def held_parameters(self, step: int, distiller: nn.Module) -> list[nn.Parameter]:
-        if not self.cfg.alternate:
-            return []
-        q_params = {id(p) for p in self.q_head.parameters()}
-        if step % 2 == 1:  # the Q head's turn: the student waits
-            return [p for p in distiller.parameters() if id(p) not in q_params]
-        return list(self.q_head.parameters())
 
 
 def merge_requests(requests: list[CaptureRequest]) -> CaptureRequest:

@@ -1,0 +1,72 @@
+"""Chained runs: the stages of one config, each a run directory of its own under ``stages/``.
+
+A stage starts from the previous stage's student (``student_from: previous``) and, with
+``carry_modules``, from its learned modules (projections, masks ...); a teacher written ``stage:NAME`` is
+the student of an earlier stage. MiniLM's teacher assistant (Wang et al. 2020, section 3.3) is the
+two-stage run ``expand_stages`` makes of ``assistant.enabled``: first the teacher into an assistant of
+the teacher's depth and the student's width, then the assistant into a fresh student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tadistill.config import DistillConfig, StageConfig
+from tadistill.errors import ConfigError
+from tadistill.loading import load_model_config
+from tadistill.resolve import apply_override, build_config, recipe_dict
+from tadistill.training.pipeline import MODULES_FILE  # noqa: F401  (re-exported for the stages' readers)
+
+STAGES_DIR = "stages"
+TEACHER_PREFIX = "stage:"
+
+
+@dataclass
+class Stage:
+    name: str
+    config: DistillConfig
+    folder: Path
+    carry_from: Path | None  # the previous stage's folder, when its modules start this stage's
+
+
+def _assistant_stages(config: DistillConfig) -> list[StageConfig]:
+    teacher_cfg = load_model_config(config.teacher, trust_remote_code=config.trust_remote_code)
+    assistant = [f"student.num_layers={teacher_cfg.num_hidden_layers}"]
+    if config.assistant.steps:
+        assistant.append(f"train.steps={config.assistant.steps}")
+    return [StageConfig(name="assistant", set=assistant, student_from="config"),
+            StageConfig(name="student", set=[f"teacher={TEACHER_PREFIX}assistant"], student_from="config")]
+
+
+def expand_stages(config: DistillConfig, root: Path) -> list[Stage]:
+    """The stages of ``config`` with their resolved configs; [] for a single-stage run."""
+    specs = list(config.stages) or (_assistant_stages(config) if config.assistant.enabled else [])
+    if not specs:
+        return []
+    base = config.model_dump(mode="json")
+    base["stages"], base["assistant"] = [], {"enabled": False, "steps": None}
+    folders = {spec.name: root / STAGES_DIR / spec.name for spec in specs}
+    out: list[Stage] = []
+    for i, spec in enumerate(specs):
+        data = dict(base)
+        if spec.recipe:
+            data["objectives"] = recipe_dict(spec.recipe)["objectives"]
+            data["recipe"] = spec.recipe
+        for assignment in spec.set:
+            data = apply_override(data, assignment)
+        if str(data.get("teacher", "")).startswith(TEACHER_PREFIX):
+            name = data["teacher"][len(TEACHER_PREFIX):]
+            if name not in [s.name for s in out]:
+                raise ConfigError(f"stage {spec.name}: teacher {data['teacher']!r} names no earlier stage")
+            data["teacher"] = str(folders[name] / "student")
+        previous = out[-1].folder if out else None
+        if spec.student_from == "previous" and previous is not None:
+            data["student"] = {**data["student"], "pretrained": str(previous / "student")}
+        try:
+            stage_config = build_config(data)
+        except ConfigError as exc:
+            raise ConfigError(f"stage {spec.name}: {exc}") from None
+        carry = previous if spec.carry_modules else None
+        out.append(Stage(spec.name, stage_config, folders[spec.name], carry))
+    return out
