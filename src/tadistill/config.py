@@ -345,6 +345,27 @@ class AssistantConfig(_Strict):
     steps: int | None = Field(None, ge=1, description="Assistant steps; null uses train.steps.")
 
 
+class StageConfig(_Strict):
+    """One stage of a chained run: prune then distil, generic then specific, teacher -> assistant -> student.
+
+    A stage's config is the run's config (without ``stages``) with the objectives of ``recipe`` when given,
+    then the ``set`` overrides (``--set`` syntax). Its student starts from the previous stage's student
+    unless ``student_from: config``. A teacher written ``stage:NAME`` is the student of stage NAME.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="Stage name: its folder under stages/.")
+    recipe: str | None = Field(None, description="Take this recipe's objectives (the rest comes from the run).")
+    set: list[str] = Field([], description="Overrides of this stage, as --set KEY=VALUE (e.g. train.steps=100).")
+    student_from: Literal["previous", "config"] = Field(
+        "previous", description="'previous': start from the previous stage's student; 'config': build the student "
+        "the config describes (e.g. a fresh student distilled from an assistant stage).",
+    )
+    carry_modules: bool = Field(
+        False, description="Also start the learned modules (projections, masks ...) from the previous stage's, "
+        "where names and shapes match.",
+    )
+
+
 class DistillConfig(_Strict):
     """Everything a distillation run needs."""
 
@@ -361,6 +382,9 @@ class DistillConfig(_Strict):
         None,
         description="Folder written by `tadistill cache-teacher` for this config: train from the stored teacher "
         "outputs instead of running the teacher (top-k logits, hidden states, Q/K/V).",
+    )
+    stages: list[StageConfig] = Field(
+        [], description="Chain several stages in one run directory (stages/<name>/ each); empty: one stage.",
     )
 
     @model_validator(mode="after")
@@ -379,6 +403,13 @@ class DistillConfig(_Strict):
                              f"{self.train.batch_size}: raise it")
         if self.teacher_signals:
             self._check_offline_signals()
+        names = [stage.name for stage in self.stages]
+        if len(names) != len(set(names)):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if self.stages and self.assistant.enabled:
+            raise ValueError("assistant.enabled is a two-stage run of its own: write the stages out instead")
+        if self.stages and self.stages[0].student_from == "previous" and self.stages[0].carry_modules:
+            raise ValueError(f"stage {names[0]} is the first: it has no previous stage to carry modules from")
         if self.train.compile and (self.on_policy.samples or self.on_policy.adaptive):
             raise ValueError("train.compile does not cover on-policy sampling (its KV-cache steps change shape "
                              "every token): set train.compile=false or the on_policy fractions to 0")
@@ -392,9 +423,7 @@ class DistillConfig(_Strict):
         if self.on_policy.samples:
             raise ValueError("teacher_signals cannot score sampled continuations: set on_policy fractions to 0 or "
                              "drop teacher_signals")
-        unsupported = [o.kind for o in self.objectives if o.kind in ("output-kl", "mlm", "moment-matching")]
-        if unsupported:
-            raise ValueError(f"teacher_signals do not support {', '.join(unsupported)}: run with the live teacher")
+        # Which objectives stored signals can serve is a trait of each kind (registry), checked at set-up.
         logits = self.objective("logits")
         if logits is not None and (logits.teacher_topk is None or logits.temperature != 1.0):
             raise ValueError("teacher_signals store top-k log-probabilities at temperature 1: set "
@@ -406,4 +435,6 @@ class DistillConfig(_Strict):
 
 
 # Fields that may change between a run and its --resume without changing the run.
-RESUMABLE_FIELDS = {("train", "stop_at"), ("train", "compile")}
+# The learning rate and its schedule may change (e.g. lowered after a NaN stop): the step count continues.
+RESUMABLE_FIELDS = {("train", "stop_at"), ("train", "compile"), ("train", "lr"), ("train", "schedule"),
+                    ("train", "warmup_steps"), ("train", "warmup_ratio")}
