@@ -89,7 +89,9 @@ def load_tree(path: Path) -> Any:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            # Copies: safe_open's tensors map the file, which a later prune deletes (its space would stay in
+            # use) and which anything truncating it would turn into a SIGBUS.
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types for a damaged header or body
