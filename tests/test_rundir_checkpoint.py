@@ -301,3 +301,45 @@ def test_resume_through_the_cli_ignores_planted_pickles_and_skips_a_poisoned_che
     assert "skipped checkpoint" in err and newest.name in err
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # resumed after step 1, not from scratch
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_resume_their_own_state(tiny_args, tiny_teacher_no_dropout, tmp_path):
+    """Under torchrun each process writes and reads back its own extra_<rank>; the resumed pair ends where one
+    process with the same global batch ends (up to float summation order, as in test_distributed.py)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tadistill.cli.main import main
+
+    args = ["distill", "hs", *tiny_args("train.steps=4", "train.save_every=1", "train.eval_every=0",
+                                        teacher=tiny_teacher_no_dropout), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    two = tmp_path / "two"
+
+    def launch(*extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "tadistill", *args, "--set", "train.batch_size=2", *extra, "--out", str(two)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        assert proc.returncode == 0, err[-3000:]
+
+    launch("--set", "train.stop_at=2")
+    newest = checkpoint_dirs(two / "checkpoints")[-1]
+    assert sorted(p.name for p in newest.glob("extra_*")) == ["extra_0.safetensors", "extra_1.safetensors"]
+    assert load_tree(newest / "extra_0.safetensors")["rng"]["cpu"].dtype == torch.uint8
+    launch("--resume")
+    one = tmp_path / "one"
+    assert main([*args, "--set", "train.batch_size=4", "--out", str(one)]) == 0
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert len(losses(two)) == 4
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-7)
