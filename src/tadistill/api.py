@@ -44,10 +44,20 @@ def distill(
     each in out/stages/<name>/, and the last stage's student becomes out/student. ``resume`` continues inside
     the stage that was running.
     """
+    # builtin-gpt2 is trained on first use, by a run of its own (imported here: teachers.causal calls distill).
+    from tadistill.teachers.causal import ensure_builtin_teacher, models_named
+
+    ensure_builtin_teacher(*models_named(config), progress=progress)
     run = RunDir(out)
     stages = expand_stages(config, run.root)  # every stage's config is checked before anything is created
-    if not stages:
-        return _run(config, run, resume=resume, overwrite=overwrite, progress=progress)
+    with run.lock():  # one process per run directory, for the whole run (a second one is refused in one line)
+        if not stages:
+            return _run(config, run, resume=resume, overwrite=overwrite, progress=progress)
+        return _run_stages(config, run, stages, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run_stages(config: DistillConfig, run: RunDir, stages: list[Stage], *, resume: bool, overwrite: bool,
+                progress: bool) -> DistillResult:
     accelerator = new_accelerator(config.train.precision)
     run.check(config, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
@@ -127,8 +137,10 @@ def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = Tr
     from tadistill.data.batches import collate
     from tadistill.data.prepare import prepare_corpus
     from tadistill.training.loop import TokenizerInfo
+    from tadistill.teachers.causal import ensure_builtin_teacher, models_named
     from tadistill.training.teacher_cache import signal_meta, write_teacher_signals
 
+    ensure_builtin_teacher(*models_named(config), progress=progress)
     tokenizer, teacher, t_arch, spec = signal_spec(config)
     splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))

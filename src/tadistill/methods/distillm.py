@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tadistill.config import DistillConfig
-from tadistill.methods.on_policy import require_causal
+from tadistill.methods.on_policy import require_causal, sampling_settings
 from tadistill.training.hooks import Continuation, ContinuationRequest, MethodHooks, continuation_count
 from tadistill.training.replay import AdaptiveOffPolicy, ReplayBuffer
 from tadistill.training.sampling import SOURCES
@@ -21,7 +21,7 @@ class AdaptiveReplay(MethodHooks):
     name = "distillm"
 
     def __init__(self, config: DistillConfig):
-        op = config.on_policy
+        op = self.cfg = config.on_policy
         self.schedule = AdaptiveOffPolicy(total_steps=config.train.steps, capacity=op.replay_capacity,
                                           initial=op.adaptive_initial, schedule=op.replay_schedule)
         self.replay = ReplayBuffer(op.replay_capacity)
@@ -36,7 +36,7 @@ class AdaptiveReplay(MethodHooks):
         if source == "replay":
             sequences, prompt_lengths = self.replay.sample(len(request.sequences), request.generator("replay"))
             return Continuation("replay", sequences, prompt_lengths)
-        sequences = request.sample("student")
+        sequences = request.sample("student", **sampling_settings(self.cfg))
         self.replay.push(sequences, request.prompt_lengths)
         return Continuation("student", sequences, request.prompt_lengths)
 

@@ -29,7 +29,7 @@ class OnPolicySampling(MethodHooks):
         self.counts[source] = self.counts.get(source, 0) + 1
         if source == "dataset":
             return None
-        return Continuation(source, request.sample(source), request.prompt_lengths)
+        return Continuation(source, request.sample(source, **sampling_settings(self.cfg)), request.prompt_lengths)
 
     def log_values(self) -> dict[str, float]:
         return continuation_count(self.counts, SOURCES)
@@ -47,6 +47,11 @@ def build(config: DistillConfig, parts) -> OnPolicySampling | None:
         return None
     require_causal(parts)
     return OnPolicySampling(config)
+
+
+def sampling_settings(cfg) -> dict:
+    """What ``ContinuationRequest.sample`` takes from the on_policy config."""
+    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
 
 
 def require_causal(parts) -> None:

@@ -30,7 +30,7 @@ from tadistill.errors import ConfigError, TadistillError
 from tadistill.fileio import atomic_write_text
 from tadistill.resolve import resolve_config
 from tadistill.study.config import StudyConfig
-from tadistill.study.studydir import _prepare_study_dir, read_status, write_status
+from tadistill.study.studydir import _prepare_study_dir, read_status, study_lock, write_status
 from tadistill.training.lane import SHARED_TRAIN_FIELDS
 from tadistill.training.rundir import RunDir
 from tadistill.training.setup import Cell as TrainCell
@@ -205,9 +205,14 @@ def evaluate_cells(study: StudyConfig, cells: list[Cell], out: Path) -> dict[str
 def compare(study: StudyConfig, *, out: str | Path, resume: bool = False, overwrite: bool = False,
             progress: bool = True) -> Path:
     """Train, evaluate and report a study; return the report folder."""
+    out = Path(out)
+    with study_lock(out):  # one process per study folder (a second one is refused in one line)
+        return _compare(study, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _compare(study: StudyConfig, out: Path, *, resume: bool, overwrite: bool, progress: bool) -> Path:
     from tadistill.study.report import build_report
 
-    out = Path(out)
     cells = expand_cells(study)
     valid = [c.config for c in cells if c.config is not None]
     # One process, or one of several launched by torchrun / accelerate launch.

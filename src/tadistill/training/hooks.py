@@ -48,8 +48,9 @@ SAMPLED_BY = {"student": 1, "teacher": 2, "replay": 3}
 class ContinuationRequest:
     """What a method sees when it chooses a micro-batch's continuations.
 
-    ``sample(who)`` samples continuations of ``prompts`` from the student or the teacher (no gradient,
-    seeded by the batch number, so a resumed run and a study lane draw exactly what a solo run draws).
+    ``sample(who, temperature=, top_p=, max_new_tokens=)`` samples continuations of the prompts from the
+    "student" or the "teacher" (no gradient, seeded by the batch number, so a resumed run and a study lane
+    draw exactly what a solo run draws).
     ``generator(purpose)`` returns a fresh CPU generator seeded by (train.seed, purpose, batch number).
     """
 
@@ -57,7 +58,7 @@ class ContinuationRequest:
     step: int  # the optimizer step being computed (1-based)
     sequences: list[Tensor]  # the dataset's sequences of this micro-batch (prompt + continuation)
     prompt_lengths: list[int]
-    sample: Callable[[str], list[Tensor]]
+    sample: Callable[..., list[Tensor]]
     generator: Callable[[str], torch.Generator]
 
 

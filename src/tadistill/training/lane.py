@@ -207,6 +207,12 @@ def _optimizer_and_schedule(config: DistillConfig, distiller: Distiller, methods
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps)
     warmup = max(tc.warmup_steps, int(tc.warmup_ratio * tc.steps))
     names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    if tc.schedule == "cosine" and tc.min_lr_ratio > 0:
+        # The cosine ends at lr * min_lr_ratio, not 0 (nanoGPT; Hoffmann et al. 2022 decay to 10%). With a ratio of
+        # 0 the plain "cosine" schedule below is the same function; it is kept so that nothing else changes.
+        scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=tc.steps,
+                                  scheduler_specific_kwargs={"min_lr_rate": tc.min_lr_ratio})
+        return optimizer, scheduler
     scheduler = get_scheduler(names[tc.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=tc.steps)
     return optimizer, scheduler
 

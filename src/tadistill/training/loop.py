@@ -3,14 +3,19 @@
 It trains one or several lanes (students, see ``lane.py``) over the same batches, running the teacher
 once per batch for all of them. One optimizer step:
 1. build the step's micro-batches (their order and masks are pure functions of the step number and
-   the seed, so a resumed run sees exactly the same data);
+   the seed, so a resumed run sees exactly the same data); a lane's methods may replace a micro-batch's
+   continuations (``MethodHooks.continuation``: sampled, replayed);
 2. count the valid tokens and masked positions of the whole step, summed over processes;
 3. per micro-batch: teacher forward under inference_mode (once per input variant: clean text, and
    BERT-masked text when a lane needs it); then, per lane and inside its own random stream, student
    forward, each term's summed loss divided by its global count ("sum, then normalize once"), backward
    (gradient sync only on the last micro-batch);
-4. per lane: stop on a NaN / inf loss before the weights are touched; clip, step, schedule;
-5. log, evaluate on held-out text, checkpoint atomically.
+4. per lane: stop on a NaN / inf loss before the weights are touched; drop the gradients of the parameters
+   a method holds this step (``held_parameters``); clip, step, schedule;
+5. log (with the methods' ``log_values``), evaluate on held-out text (``after_evaluation``), checkpoint
+   atomically (the lanes' and methods' ``state_dict``).
+
+The loop names no method: what a method adds is declared through ``training/hooks.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from tadistill.data.batches import BatchOrder, collate
 from tadistill.data.masking import mask_tokens
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
-from tadistill.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tadistill.training.checkpoint import restore_checkpoint, save_checkpoint
 from tadistill.training.hooks import SAMPLED_BY, ContinuationRequest
 from tadistill.training.lane import Lane, _rng_state, _set_rng_state, check_shared, compile_forward
 from tadistill.training.sampling import sample_continuations
@@ -247,16 +252,12 @@ class Trainer:
         """
         seed = self.cfg.train.seed
 
-        def sample(who: str) -> list[Tensor]:
+        def sample(who: str, **settings) -> list[Tensor]:
             model = self.acc.unwrap_model(lane.model).student if who == "student" else self.teacher
             generator = torch.Generator(self.acc.device).manual_seed(_seed_for(seed, "sample", micro.number))
             prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
-            oc = lane.config.on_policy
-            return sample_continuations(
-                model, prompts, max_length=self.cfg.data.max_length, max_new_tokens=oc.max_new_tokens,
-                temperature=oc.temperature, top_p=oc.top_p, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-                generator=generator,
-            )
+            return sample_continuations(model, prompts, max_length=self.cfg.data.max_length, eos_id=self.tok.eos_id,
+                                        pad_id=self.tok.pad_id, generator=generator, **settings)
 
         request = ContinuationRequest(
             micro.number, step, micro.sequences, micro.prompt_lengths, sample,
@@ -414,9 +415,10 @@ class Trainer:
 
     def run(self) -> LoopResult:
         tc, acc = self.cfg.train, self.acc
-        start_step, ckpt = 0, latest_checkpoint(self.checkpoints)
-        if ckpt is not None:
-            start_step, extra = load_checkpoint(acc, ckpt)
+        start_step, ckpt = 0, None
+        restored = restore_checkpoint(acc, self.checkpoints)  # the newest verified one; a damaged one is skipped
+        if restored is not None:
+            ckpt, start_step, extra = restored
             _set_rng_state(extra["rng"])
             self.tokens_seen = int(extra.get("tokens_seen", 0))
             for lane in self.lanes:

@@ -48,25 +48,28 @@ def expand_stages(config: DistillConfig, root: Path) -> list[Stage]:
     base["stages"], base["assistant"] = [], {"enabled": False, "steps": None}
     folders = {spec.name: root / STAGES_DIR / spec.name for spec in specs}
     out: list[Stage] = []
-    for i, spec in enumerate(specs):
-        data = dict(base)
-        if spec.recipe:
-            data["objectives"] = recipe_dict(spec.recipe)["objectives"]
-            data["recipe"] = spec.recipe
-        for assignment in spec.set:
-            data = apply_override(data, assignment)
-        if str(data.get("teacher", "")).startswith(TEACHER_PREFIX):
-            name = data["teacher"][len(TEACHER_PREFIX):]
-            if name not in [s.name for s in out]:
-                raise ConfigError(f"stage {spec.name}: teacher {data['teacher']!r} names no earlier stage")
-            data["teacher"] = str(folders[name] / "student")
-        previous = out[-1].folder if out else None
-        if spec.student_from == "previous" and previous is not None:
-            data["student"] = {**data["student"], "pretrained": str(previous / "student")}
+    for spec in specs:
         try:
-            stage_config = build_config(data)
+            stage_config = _stage_config(spec, base, out, folders)
         except ConfigError as exc:
             raise ConfigError(f"stage {spec.name}: {exc}") from None
-        carry = previous if spec.carry_modules else None
-        out.append(Stage(spec.name, stage_config, folders[spec.name], carry))
+        previous = out[-1].folder if out else None
+        out.append(Stage(spec.name, stage_config, folders[spec.name], previous if spec.carry_modules else None))
     return out
+
+
+def _stage_config(spec: StageConfig, base: dict, earlier: list[Stage], folders: dict[str, Path]) -> DistillConfig:
+    data = dict(base)
+    if spec.recipe:
+        data["objectives"] = recipe_dict(spec.recipe)["objectives"]
+        data["recipe"] = spec.recipe
+    for assignment in spec.set:
+        data = apply_override(data, assignment)
+    if str(data.get("teacher", "")).startswith(TEACHER_PREFIX):
+        name = data["teacher"][len(TEACHER_PREFIX):]
+        if name not in [s.name for s in earlier]:
+            raise ConfigError(f"teacher {data['teacher']!r} names no earlier stage")
+        data["teacher"] = str(folders[name] / "student")
+    if spec.student_from == "previous" and earlier:
+        data["student"] = {**data["student"], "pretrained": str(earlier[-1].folder / "student")}
+    return build_config(data)

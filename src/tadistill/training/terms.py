@@ -6,6 +6,13 @@ of ``tadistill.objectives``. Each returns the *sum* of its per-row loss; the loo
 global count named by ``normalizer`` ("tokens": valid tokens, "targets": positions with a label, i.e.
 masked-LM positions, or the next-token targets of a causal LM), so
 gradient accumulation and data parallelism give the same loss as one large batch.
+
+Terms are built at set-up, when both models are known, so this is where a config that does not fit
+the models is refused, with a one-line ConfigError: equal head counts (``require_equal_heads``),
+relation heads that divide every width (``require_relation_heads``), layer mappings that fit both
+depths (``user_layer_map``), one vocabulary. What needs no model (kinds, ranges) is checked by the config
+itself. The pure functions of ``tadistill.objectives`` guard the same conditions with ValueError, for
+callers that pass tensors directly; they never speak to the user.
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ from tadistill.training.hooks import sampled_by
 from tadistill.errors import ConfigError
 from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence, default_chunk_size
 from tadistill.objectives.attention import (
-    attention_kl, attention_score_mse, relation_heads_hint, relation_kl, suggest_relation_heads, value_relation_kl,
+    attention_kl, attention_score_mse, relation_kl, suggest_relation_heads, value_relation_kl,
 )
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
-from tadistill.objectives.layer_maps import layer_map
+from tadistill.objectives.layer_maps import LayerPairs, layer_map
 from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on_policy_term
 from tadistill.objectives.output import mlm_cross_entropy, soft_target_kl
 
@@ -65,6 +72,48 @@ def require_equal_heads(method: str, student: Architecture, teacher: Architectur
         )
 
 
+def qkv_widths(arch: Architecture) -> list[int]:
+    """The widths of a model's concatenated queries (H d_h) and keys / values (H_kv d_h), ascending."""
+    return sorted({arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim})
+
+
+def relation_heads_hint(*widths: int) -> str:
+    """The suggestions of ``suggest_relation_heads`` for an error message: '8, 4 or 2'."""
+    words = [str(v) for v in suggest_relation_heads(*widths)]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def require_relation_heads(relation_heads: int, student: Architecture, teacher: Architecture, *, setting: str) -> None:
+    """MiniLMv2 cuts every Q/K/V width of both models into ``relation_heads`` heads (Wang et al. 2021, eq. 1-3).
+
+    A count that does not divide them all is a one-line ConfigError that suggests common divisors of every
+    width (not a fixed number: 12 does not divide a 64-wide student) and ends with ``setting=<best>``, the
+    way to set it (``--set objectives.minilmv2.relation_heads`` in a run, ``relation_heads`` for fidelity).
+    """
+    every = sorted(set(qkv_widths(student)) | set(qkv_widths(teacher)))
+    advice = f"such as {relation_heads_hint(*every)}: {setting}={suggest_relation_heads(*every)[0]}"
+    if isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1:
+        raise ConfigError(f"relation_heads={relation_heads!r} must be a positive integer dividing both models' "
+                          f"widths {every}, {advice}")
+    for who, arch in (("student", student), ("teacher", teacher)):
+        for width in qkv_widths(arch):
+            if width % relation_heads:
+                raise ConfigError(f"relation_heads={relation_heads} must divide the {who} width {width}: choose a "
+                                  f"common divisor of both models' widths {every}, {advice}")
+
+
+def user_layer_map(what: str, strategy: str, student: Architecture, teacher: Architecture, **options) -> LayerPairs:
+    """``layer_map`` on the user's values: its ValueErrors become one-line ConfigErrors that name ``what``.
+
+    The mapping's own checks (an explicit list that does not fit the depths, a student deeper than its
+    teacher) are the user's checks too: repeating them here would be a second copy to keep in step.
+    """
+    try:
+        return layer_map(strategy, student.num_layers, teacher.num_layers, **options)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
 def _linear(d_in: int, d_out: int) -> nn.Module:
     return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
 
@@ -96,6 +145,11 @@ class OutputKLTerm(Term):
     def __init__(self, cfg: C.OutputKL, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
         self.normalizer = "targets" if cfg.positions == "masked" else "tokens"
+        if student.vocab_size != teacher.vocab_size:
+            # Same tokenizer (checked when the student is loaded) but, say, a padded embedding table.
+            raise ConfigError(f"output-kl compares the two models' distributions token by token, and the student has "
+                              f"{student.vocab_size} vocabulary entries, the teacher {teacher.vocab_size}: build the "
+                              "student from the teacher's config")
 
     def forward(self, student, teacher, batch):
         if self.cfg.positions == "masked":
@@ -162,11 +216,8 @@ class HiddenStatesTerm(Term):
 
     def __init__(self, cfg: C.HiddenStates, student: Architecture, teacher: Architecture):
         super().__init__(cfg, student, teacher)
-        self.pairs = layer_map(
-            cfg.mapping,
-            student.num_layers,
-            teacher.num_layers,
-            explicit=cfg.layers,
+        self.pairs = user_layer_map(
+            "objectives.hidden", cfg.mapping, student, teacher, explicit=cfg.layers,
             include_embeddings=cfg.include_embeddings,
         )
         self.student_request = CaptureRequest(hidden=tuple(sorted({s for s, _ in self.pairs})))
@@ -210,20 +261,7 @@ class MiniLMv2Term(Term):
         super().__init__(cfg, student, teacher)
         self.t_layer = resolve_teacher_layer(cfg.teacher_layer, teacher.num_layers)
         self.s_layer = student.num_layers
-        widths = {
-            "student": {student.num_heads * student.head_dim, student.num_kv_heads * student.head_dim},
-            "teacher": {teacher.num_heads * teacher.head_dim, teacher.num_kv_heads * teacher.head_dim},
-        }
-        every = sorted(widths["student"] | widths["teacher"])
-        for who, ws in widths.items():
-            for w in ws:
-                if w % cfg.relation_heads:
-                    # Suggest counts that divide every Q/K/V width of both models, not a fixed number.
-                    raise ConfigError(
-                        f"relation_heads={cfg.relation_heads} must divide the {who} width {w}: choose a common "
-                        f"divisor of both models' widths {every}, such as {relation_heads_hint(*every)}: "
-                        f"--set objectives.minilmv2.relation_heads={suggest_relation_heads(*every)[0]}"
-                    )
+        require_relation_heads(cfg.relation_heads, student, teacher, setting="--set objectives.minilmv2.relation_heads")
         self.student_request = CaptureRequest(qkv=(self.s_layer,))
         self.teacher_request = CaptureRequest(qkv=(self.t_layer,))
 
@@ -301,7 +339,7 @@ class AttentionScoreTerm(Term):
         super().__init__(cfg, student, teacher)
         require_equal_heads("attention-mse", student, teacher)
         # TinyBERT: student block i (0-based) <- teacher block i k + k - 1, the 'uniform' mapping.
-        self.pairs = [(s, ts[0]) for s, ts in layer_map("uniform", student.num_layers, teacher.num_layers)]
+        self.pairs = [(s, ts[0]) for s, ts in user_layer_map("attention-mse", "uniform", student, teacher)]
         self.heads = (student.num_heads, student.num_kv_heads, teacher.num_heads, teacher.num_kv_heads)
         self.student_request = CaptureRequest(qkv=tuple(s for s, _ in self.pairs))
         self.teacher_request = CaptureRequest(qkv=tuple(t for _, t in self.pairs))
@@ -319,7 +357,7 @@ class AttentionScoreTerm(Term):
 
 
 class MomentMatchingTerm(Term):
-    """AMMD (methods.md section 9): a Q head f(s_t, a) over the teacher's last hidden states plays against the
+    """AMMD (docs/methods.md, AMMD): a Q head f(s_t, a) over the teacher's last hidden states plays against the
     student. Each batch gives the off-policy moment (teacher or dataset continuations) or the on-policy one
     (student samples, policy gradient); the value logged is the moment gap, the gradients are the student's
     descent and the Q head's ascent (see ``objectives/moment_matching.py``).
