@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tadistill.errors import ConfigError
 from tadistill.objectives.layer_maps import STRATEGIES, TABLE_SHAPES, layer_map, pairs_table
 
 METHODS_MD = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
@@ -115,48 +114,48 @@ def test_explicit_pairs():
 
 
 def test_explicit_out_of_range_messages():
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ValueError) as info:
         layer_map("explicit", 6, 12, explicit=[[4, 13]])
     assert str(info.value) == "layer mapping entry [4, 13] is out of range: the teacher has hidden states 0..12"
-    with pytest.raises(ConfigError, match=r"entry \[4, 13\] is out of range: the teacher has hidden states 0\.\.12"):
+    with pytest.raises(ValueError, match=r"entry \[4, 13\] is out of range: the teacher has hidden states 0\.\.12"):
         layer_map("explicit", 6, 12, explicit=[1, 2, 3, 13, 5, 6])
-    with pytest.raises(ConfigError, match=r"entry \[2, -1\] is out of range"):
+    with pytest.raises(ValueError, match=r"entry \[2, -1\] is out of range"):
         layer_map("explicit", 3, 12, explicit=[4, -1, 12])
-    with pytest.raises(ConfigError, match=r"entry \[7, 12\] is out of range: the student has hidden states 0\.\.6"):
+    with pytest.raises(ValueError, match=r"entry \[7, 12\] is out of range: the student has hidden states 0\.\.6"):
         layer_map("explicit", 6, 12, explicit=[[7, 12]])
 
 
 def test_explicit_malformed():
-    with pytest.raises(ConfigError, match="5 entries but the student has 6 layers"):
+    with pytest.raises(ValueError, match="5 entries but the student has 6 layers"):
         layer_map("explicit", 6, 12, explicit=[2, 4, 6, 8, 10])
-    with pytest.raises(ConfigError, match="needs a list"):
+    with pytest.raises(ValueError, match="needs a list"):
         layer_map("explicit", 6, 12)
-    with pytest.raises(ConfigError, match="needs a list"):
+    with pytest.raises(ValueError, match="needs a list"):
         layer_map("explicit", 6, 12, explicit=[])
-    with pytest.raises(ConfigError, match=r"is not \[student, teacher\]"):
+    with pytest.raises(ValueError, match=r"is not \[student, teacher\]"):
         layer_map("explicit", 6, 12, explicit=[[1, 2, 3]])
-    with pytest.raises(ConfigError, match=r"is not \[student, teacher\]"):
+    with pytest.raises(ValueError, match=r"is not \[student, teacher\]"):
         layer_map("explicit", 2, 12, explicit=[True, 3])  # a bool is not an index
-    with pytest.raises(ConfigError, match="already maps student hidden state 0"):
+    with pytest.raises(ValueError, match="already maps student hidden state 0"):
         layer_map("explicit", 6, 12, explicit=[[0, 0], [6, 12]], include_embeddings=True)
-    with pytest.raises(ConfigError, match="set mapping: explicit"):
+    with pytest.raises(ValueError, match="set mapping: explicit"):
         layer_map("uniform", 6, 12, explicit=[1, 2, 3, 4, 5, 6])
 
 
 def test_unknown_strategy_suggests_closest_name():
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ValueError) as info:
         layer_map("uniform-con", 6, 12)
     message = str(info.value)
     assert "unknown layer mapping 'uniform-con'" in message and "did you mean 'uniform-cons'?" in message
     assert "\n" not in message
-    with pytest.raises(ConfigError, match="did you mean 'last'"):
+    with pytest.raises(ValueError, match="did you mean 'last'"):
         layer_map("lats", 6, 12)
 
 
 def test_student_deeper_than_teacher_and_bad_counts():
-    with pytest.raises(ConfigError, match="student has 13 layers but the teacher only 12"):
+    with pytest.raises(ValueError, match="student has 13 layers but the teacher only 12"):
         layer_map("uniform", 13, 12)
-    with pytest.raises(ConfigError, match="positive integers"):
+    with pytest.raises(ValueError, match="positive integers"):
         layer_map("last", 0, 12)
 
 

@@ -7,7 +7,6 @@ import itertools
 import pytest
 import torch
 
-from tadistill.errors import ConfigError
 from tadistill.objectives.moment_matching import (
     QValueHead,
     combine_terms,
@@ -40,7 +39,7 @@ def test_q_head_is_bounded_float32_and_does_not_train_the_state():
     assert out.abs().max() <= 0.5 and out.abs().max() > 0.45  # saturates at the bound, never beyond
     out.sum().backward()
     assert hidden.grad is None and head.proj.weight.grad is not None
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         QValueHead(4, V, bound=0.0)
 
 
@@ -213,11 +212,11 @@ def test_beta_endpoints_select_one_term_and_mix_linearly():
     assert mixed.gap.item() == pytest.approx(0.25 * on.gap.item() + 0.75 * off.gap.item(), rel=1e-6)
     assert mixed.q_loss.item() == pytest.approx(-mixed.gap.item(), rel=1e-6)
     assert mixed.student_loss.item() == pytest.approx(mixed.gap.item(), rel=1e-5)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         combine_terms(on, off, beta=1.5)
     with pytest.raises(ValueError):
         combine_terms(None, off, beta=0.5)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         on_policy_term(q, log_q_s, log_q_t, y, mask, baseline="mean")
 
 

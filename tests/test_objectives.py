@@ -8,6 +8,7 @@ only, exact zero with zero gradients on an all-masked batch, bf16 inputs, and th
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -29,8 +30,14 @@ from tadistill.objectives import (
     soft_target_kl,
     value_relation_kl,
 )
-from tadistill.objectives.attention import relation_heads_hint, suggest_relation_heads
-from tadistill.training.terms import MiniLMTerm, MiniLMv2Term, ModelOutputs
+from tadistill.objectives.attention import suggest_relation_heads
+from tadistill.training.terms import (
+    AttentionScoreTerm,
+    MiniLMTerm,
+    MiniLMv2Term,
+    ModelOutputs,
+    relation_heads_hint,
+)
 
 B, T, V, H = 3, 7, 11, 4
 
@@ -326,11 +333,11 @@ def test_mlm_cross_entropy_matches_cross_entropy():
 
 def test_soft_target_kl_errors():
     s, t, mask = randn(B, T, V), randn(B, T, V + 1), padding_mask()
-    with pytest.raises(ConfigError, match="vocabulary"):
+    with pytest.raises(ValueError, match="vocabularies must be one"):
         soft_target_kl(s, t, mask)
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature"):
         soft_target_kl(s, s, mask, temperature=0.0)
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature"):
         kl_rows(s, s, temperature=-1.0)
     with pytest.raises(ValueError, match="bool"):
         soft_target_kl(s, s, mask.long())
@@ -458,10 +465,11 @@ def test_value_relation_pairs_the_value_heads_each_query_head_reads(causal):
         value_relation_kl(randn(B, T, 12), t, mask, num_heads=4, student_kv_heads=3, teacher_kv_heads=2)
 
 
-def tiny_llama(hidden: int, heads: int, kv_heads: int):
+def tiny_llama(hidden: int, heads: int, kv_heads: int, layers: int = 2):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         intermediate_size=2 * hidden, num_hidden_layers=2, vocab_size=32, max_position_embeddings=16)
+                         intermediate_size=2 * hidden, num_hidden_layers=layers, vocab_size=32,
+                         max_position_embeddings=16)
     return resolve_architecture(LlamaForCausalLM(config))
 
 
@@ -534,21 +542,38 @@ def test_attention_score_mse_matches_direct_reference(causal):
     assert num(value) == pytest.approx(ref_score_mse(s, t, mask, causal), rel=1e-5)
 
 
-def test_attention_errors_are_config_errors():
+def test_attention_functions_raise_value_errors_not_user_errors():
+    """The pure functions guard their math with ValueError; the user's one-line error is the set-up's (terms)."""
     mask = padding_mask()
-    with pytest.raises(ConfigError, match="^minilm needs equal head counts"):
-        attention_kl(randn(B, 2, T, T), randn(B, 4, T, T), mask)
-    with pytest.raises(ConfigError, match="equal head counts"):
-        attention_score_mse(randn(B, 2, T, T), randn(B, 4, T, T), mask)
-    message = ("relation_heads=48 must divide the student width 200 and teacher width 384: choose a common divisor "
-               "such as 8, 4 or 2")
+    cases = [
+        (lambda: attention_kl(randn(B, 2, T, T), randn(B, 4, T, T), mask), "attention_kl: the student has 2"),
+        (lambda: attention_score_mse(randn(B, 2, T, T), randn(B, 4, T, T), mask), "attention_score_mse: the stud"),
+        (lambda: relation_kl(randn(B, T, 200), randn(B, T, 384), mask, relation_heads=48),
+         ("relation_heads=48 must be a positive integer dividing the student width 200 and the teacher width 384, "
+         "such as 8")),
+        (lambda: relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=0), "relation_heads=0"),
+        (lambda: relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=3), "relation_heads=3"),
+        (lambda: relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=True), "relation_heads=True"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            call()
+        assert not isinstance(info.value, ConfigError)
+
+
+def test_attention_terms_give_one_line_config_errors():
+    """The same conditions at set-up, where both models are known: one line that says what to change."""
     with pytest.raises(ConfigError) as info:
-        relation_kl(randn(B, T, 200), randn(B, T, 384), mask, relation_heads=48)
-    assert str(info.value) == message and "\n" not in message
-    with pytest.raises(ConfigError, match="relation_heads=0"):
-        relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=0)
-    with pytest.raises(ConfigError, match="relation_heads=3 must divide"):
-        relation_kl(randn(B, T, 32), randn(B, T, 48), mask, relation_heads=3)
+        MiniLMTerm(C.MiniLM(), tiny_llama(16, 2, 2), tiny_llama(16, 4, 4))
+    assert str(info.value) == ("minilm needs equal head counts (teacher 4, student 2): set student.num_heads=4 or use "
+                               "the minilmv2 recipe")
+    with pytest.raises(ConfigError, match=r"^attention-mse needs equal head counts \(teacher 4, student 2\)"):
+        AttentionScoreTerm(C.AttentionScoreMSE(), tiny_llama(16, 2, 2), tiny_llama(16, 4, 4))
+    with pytest.raises(ConfigError, match="^attention-mse: the student has 3 layers but the teacher only 2"):
+        AttentionScoreTerm(C.AttentionScoreMSE(), tiny_llama(16, 4, 4, layers=3), tiny_llama(16, 4, 4))
+    with pytest.raises(ConfigError) as info:
+        MiniLMv2Term(C.MiniLMv2(relation_heads=3), tiny_llama(32, 4, 4), tiny_llama(48, 4, 4))
+    assert "\n" not in str(info.value) and str(info.value).endswith("--set objectives.minilmv2.relation_heads=4")
 
 
 def test_relation_head_suggestions_divide_both_widths():

@@ -26,7 +26,7 @@ from tadistill.measure.embeddings import TeacherEmbeddings, embedding_cosine, me
 from tadistill.measure.inference import evaluating, has_lm_head, lm_logits, model_device, text_batches
 from tadistill.objectives.attention import relation_kl
 from tadistill.objectives.divergence import kl_rows
-from tadistill.objectives.layer_maps import layer_map
+from tadistill.training.terms import qkv_widths, require_relation_heads, user_layer_map
 
 # TeacherEmbeddings, embedding_cosine, mean_pool and sentence_embeddings live in tadistill.measure.embeddings
 # (training uses them too); they are re-exported here for users of this module.
@@ -46,7 +46,7 @@ __all__ = [
 
 MAX_CKA_TOKENS = 4096  # token rows kept for token-level CKA: its d x d products stay cheap
 CKA_SEED = 0  # seeds the token subsample, so two students are scored on the same tokens
-MAX_RELATION_HEADS = 48  # MiniLMv2's relation-head count for base-size teachers (methods.md section 3)
+MAX_RELATION_HEADS = 48  # MiniLMv2's relation-head count for base-size teachers (docs/methods.md, MiniLMv2)
 
 
 def default_relation_heads(*widths: int) -> int:
@@ -56,18 +56,10 @@ def default_relation_heads(*widths: int) -> int:
 
 
 def _relation_heads(student: Architecture, teacher: Architecture, requested: int | None) -> int:
-    widths = sorted({
-        student.num_heads * student.head_dim, student.num_kv_heads * student.head_dim,
-        teacher.num_heads * teacher.head_dim, teacher.num_kv_heads * teacher.head_dim,
-    })
+    """The user's count, checked as a run's minilmv2 objective is (the set-up's one-line error), or the default."""
     if requested is None:
-        return default_relation_heads(*widths)
-    valid = isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1
-    if not valid or any(w % requested for w in widths):
-        raise ConfigError(
-            f"relation_heads={requested!r} must divide every Q/K/V width of both models {widths}: pick a common "
-            f"divisor such as {default_relation_heads(*widths)}, or leave it unset"
-        )
+        return default_relation_heads(*qkv_widths(student), *qkv_widths(teacher))
+    require_relation_heads(requested, student, teacher, setting="relation_heads")
     return requested
 
 
@@ -127,7 +119,8 @@ def fidelity(
         raise ConfigError(f"k must be a positive integer (neighbours per text), got {k!r}: e.g. k=10")
     arch_t, arch_s = resolve_architecture(teacher), resolve_architecture(student)
     l_s, l_t = arch_s.num_layers, arch_t.num_layers
-    pairs = [(0, 0)] + [(s, ts[0]) for s, ts in layer_map("uniform", l_s, l_t)]  # last pair is (L_S, L_T)
+    # The last pair is (L_S, L_T). A student deeper than its teacher has no uniform mapping: the set-up's error.
+    pairs = [(0, 0)] + [(s, ts[0]) for s, ts in user_layer_map("fidelity", "uniform", arch_s, arch_t)]
     heads = _relation_heads(arch_s, arch_t, relation_heads)
     same_width = arch_s.hidden_size == arch_t.hidden_size
     head_kind = has_lm_head(teacher)

@@ -1,9 +1,13 @@
 """Self-attention objectives: MiniLM attention KL, MiniLMv2 relations, TinyBERT score MSE.
 
-methods.md sections 2 (MiniLM, Wang et al. 2020: L_AT, L_VR), 3 (MiniLMv2, Wang et al. 2021: Q-Q, K-K,
-V-V relations) and 4 (TinyBERT, Jiao et al. 2020: L_attn). Every function returns the SUM over valid
-query rows of a per-row term already averaged over heads; the loop divides by the global count of valid
-tokens.
+See docs/methods.md, MiniLM (Wang et al. 2020: L_AT, L_VR), docs/methods.md, MiniLMv2 (Wang et al. 2021:
+Q-Q, K-K, V-V relations) and docs/methods.md, TinyBERT (Jiao et al. 2020: L_attn). Every function returns
+the SUM over valid query rows of a per-row term already averaged over heads; the loop divides by the
+global count of valid tokens.
+
+Errors: wrong shapes or option values raise ValueError (caller bugs). The user-facing checks of the same
+conditions (equal head counts, relation heads that divide the widths) run once at set-up, where the
+models are known, with a one-line ConfigError (``training/terms.py``).
 
 Masking: a key is blocked when it is padding, or (``causal=True``, decoders) when it lies after the
 query. Blocked keys get -inf (relation_kl: float32 min, see _key_bias) before a softmax. Padded query rows
@@ -24,7 +28,6 @@ import math
 import torch
 from torch import Tensor
 
-from tadistill.errors import ConfigError
 from tadistill.objectives.divergence import check_mask, kl_per_row
 
 
@@ -52,11 +55,8 @@ def _check_scores(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, 
         raise ValueError(f"{who}: attention scores must be (B, H, T, T)")
     h_s, h_t = student_logits.shape[1], teacher_logits.shape[1]
     if h_s != h_t:
-        method, alternative = ("minilm", " or use minilmv2") if who == "attention_kl" else ("attention-mse", "")
-        raise ConfigError(
-            f"{method} needs equal head counts in student and teacher (student {h_s}, teacher {h_t}): "
-            f"give the student {h_t} attention heads{alternative}"
-        )
+        # Maps are compared head by head; set-up refuses such models first (terms.require_equal_heads).
+        raise ValueError(f"{who}: the student has {h_s} attention heads and the teacher {h_t}; they must be equal")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"{who}: student {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
     b, _, t, t2 = student_logits.shape
@@ -73,7 +73,7 @@ def _row_kl_sum(teacher_scores: Tensor, student_scores: Tensor, mask: Tensor) ->
 
 
 def attention_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, causal: bool = False) -> Tensor:
-    """MiniLM self-attention distribution transfer L_AT (MiniLM, methods.md section 2).
+    """MiniLM self-attention distribution transfer L_AT (docs/methods.md, MiniLM).
 
     Args:
         student_logits: (B, H, T, T) pre-softmax scores Q K^T / sqrt(d_k) of the student's last block.
@@ -110,7 +110,7 @@ def _key_bias(mask: Tensor, causal: bool, copies: int) -> Tensor:
 def _relation_logits(x: Tensor, mask: Tensor, relation_heads: int, bias: Tensor) -> tuple[Tensor, Tensor]:
     """(B, T, d) -> (x_a, z): x_a (B * A_r, T, d_r) float32, z = x_a x_a^T / sqrt(d_r) + bias (B * A_r, T, T).
 
-    Splits the concatenated heads into A_r relation heads of size d_r (MiniLMv2, methods.md section 3),
+    Splits the concatenated heads into A_r relation heads of size d_r (docs/methods.md, MiniLMv2),
     upcast first so that the T x T products of bf16 activations are accurate (the (B, T, d) copy is small).
     Padded positions are zeroed, so that whatever they hold (even inf) cannot reach a valid row.
     baddbmm adds the key bias inside the matmul: no separate pass over the (T, T) scores.
@@ -138,12 +138,6 @@ def suggest_relation_heads(*widths: int, count: int = 3) -> list[int]:
     return (wide or divisors)[:count]
 
 
-def relation_heads_hint(*widths: int) -> str:
-    """The suggestions of ``suggest_relation_heads`` for an error message: '8, 4 or 2'."""
-    words = [str(v) for v in suggest_relation_heads(*widths)]
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
-
-
 def relation_kl(
     student_x: Tensor,
     teacher_x: Tensor,
@@ -152,9 +146,9 @@ def relation_kl(
     relation_heads: int,
     causal: bool = False,
 ) -> Tensor:
-    """MiniLMv2 self-attention relation transfer for one of Q, K or V (methods.md section 3).
+    """MiniLMv2 self-attention relation transfer for one of Q, K or V (docs/methods.md, MiniLMv2).
 
-    Also MiniLM's value relation L_VR (methods.md section 2) with ``relation_heads`` = the attention head count.
+    Also MiniLM's value relation L_VR (docs/methods.md, MiniLM) with ``relation_heads`` = the attention head count.
 
     Args:
         student_x: (B, T, d_S) concatenated per-head queries, keys or values of the student.
@@ -174,10 +168,13 @@ def relation_kl(
             f"{tuple(teacher_x.shape)}"
         )
     d_s, d_t = student_x.shape[-1], teacher_x.shape[-1]
-    if not isinstance(relation_heads, int) or relation_heads < 1 or d_s % relation_heads or d_t % relation_heads:
-        raise ConfigError(
-            f"relation_heads={relation_heads} must divide the student width {d_s} and teacher width {d_t}: "
-            f"choose a common divisor such as {relation_heads_hint(d_s, d_t)}"
+    # Each model's width is cut into A_r equal heads: set-up gives the user's error with suggestions
+    # (terms.require_relation_heads); this guard keeps the reshape below from mixing heads.
+    if (isinstance(relation_heads, bool) or not isinstance(relation_heads, int) or relation_heads < 1
+            or d_s % relation_heads or d_t % relation_heads):
+        raise ValueError(
+            f"relation_kl: relation_heads={relation_heads!r} must be a positive integer dividing the student width "
+            f"{d_s} and the teacher width {d_t}, such as {suggest_relation_heads(d_s, d_t)[0]}"
         )
     check_mask(mask, student_x.shape[0], student_x.shape[1], "relation_kl")
     # float32 throughout, also inside a bf16 / fp16 autocast region (which would run the matmuls in half
@@ -257,7 +254,7 @@ def value_relation_kl(
 def attention_score_mse(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, causal: bool = False
 ) -> Tensor:
-    """TinyBERT general-distillation attention loss L_attn (methods.md section 4) on pre-softmax scores.
+    """TinyBERT general-distillation attention loss L_attn (docs/methods.md, TinyBERT) on pre-softmax scores.
 
     Args:
         student_logits: (B, H, T, T) pre-softmax scores; -inf or very negative at masked keys is fine.

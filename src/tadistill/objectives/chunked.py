@@ -29,10 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tadistill.errors import ConfigError
 from tadistill.objectives.divergence import check_mask
 from tadistill.objectives.logits import check_divergence_options, logit_divergence_rows
-
 
 CHUNK_ELEMENTS = 2**24  # logits per chunk by default: 64 MiB in float32, whatever the vocabulary
 
@@ -129,7 +127,8 @@ def chunked_logit_divergence(
 
 def _check_chunk_size(chunk_size: int) -> None:
     if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
-        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}: set e.g. chunk_size: 1024")
+        # The config checks it for the user (ge=1); here it would make range() loop forever or not at all.
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
 def _sum_over_chunks(chunk_sum: Callable[[Tensor, slice], Tensor], hidden_rows: Tensor, chunk_size: int) -> Tensor:

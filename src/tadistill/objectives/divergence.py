@@ -2,8 +2,12 @@
 
 Contract shared by all of ``tadistill.objectives``: a loss is a pure function that returns the SUM over
 valid rows of a per-row term as a float32 scalar; the training loop divides once by the global count of
-valid rows (methods.md, "Rule for all losses"). Teacher tensors are constants (detached here), an
-all-masked input gives exactly 0 with zero gradients, and ``-inf`` logits never produce NaN.
+valid rows (docs/methods.md, Conventions shared by every loss). Teacher tensors are constants (detached
+here), an all-masked input gives exactly 0 with zero gradients, and ``-inf`` logits never produce NaN.
+
+Errors: a pure function raises ValueError on inputs it cannot compute with (wrong shapes, an unknown
+kind, an option out of range). The user meets these options in the config, which checks them with a
+one-line error before any tensor exists (``tadistill/config.py``); the guards here protect the math.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from tadistill.errors import ConfigError
 
 
 def check_mask(mask: Tensor, batch: int, length: int, who: str) -> None:
@@ -27,9 +29,9 @@ def check_mask(mask: Tensor, batch: int, length: int, who: str) -> None:
 
 
 def check_temperature(temperature: float) -> None:
-    """A temperature must be a finite positive number (it divides the logits)."""
+    """A temperature must be a finite positive number (it divides the logits); ValueError otherwise."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature must be a positive number, got {temperature!r}: set e.g. temperature: 2.0")
+        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
 
 
 def kl_per_row(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -1,4 +1,4 @@
-"""Hidden-state alignment losses: MSE (methods.md section 1 "HS", TinyBERT) and cosine (DistilBERT).
+"""Hidden-state alignment losses: MSE (docs/methods.md, HS; TinyBERT) and cosine (DistilBERT).
 
 The student's hidden states are projected to the teacher's width by the caller (a learned W lives in
 the training term, the only state); these functions only compare tensors of equal shape.

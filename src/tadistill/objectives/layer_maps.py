@@ -1,15 +1,19 @@
 """Layer mappings phi: which teacher hidden states each student hidden state is aligned with.
 
-methods.md section 1 (the comparative study's mappings) and section 4 (TinyBERT's uniform rule).
-Indices follow Hugging Face ``output_hidden_states``: 0 = embeddings output, i = output of block i
-(1-based), so a model with L blocks has hidden states 0..L.
+docs/methods.md, Layer mappings (the comparative study's mappings, TinyBERT's uniform rule, the table
+of pairs). Indices follow Hugging Face ``output_hidden_states``: 0 = embeddings output, i = output of
+block i (1-based), so a model with L blocks has hidden states 0..L.
+
+Errors are ValueErrors (this module knows no config); their messages name the config keys, so that the
+set-up, which calls ``layer_map`` with the user's values and both models' depths, passes them on as
+one-line ConfigErrors (``training/terms.py``, ``user_layer_map``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tadistill.errors import ConfigError, did_you_mean
+from tadistill.errors import did_you_mean
 
 STRATEGIES = ("last", "uniform", "uniform-cons", "uniform+last", "explicit")
 
@@ -23,12 +27,12 @@ def _is_index(value: object) -> bool:
 def _explicit_pairs(explicit: Sequence, num_student: int, num_teacher: int) -> LayerPairs:
     """User list -> pairs. Form 1: one teacher index per student block; form 2: [student, teacher] pairs."""
     if not isinstance(explicit, Sequence) or isinstance(explicit, str) or len(explicit) == 0:
-        raise ConfigError(
+        raise ValueError(
             "layer mapping 'explicit' needs a list: one teacher index per student layer or [student, teacher] pairs"
         )
     if all(_is_index(e) for e in explicit):
         if len(explicit) != num_student:
-            raise ConfigError(
+            raise ValueError(
                 f"explicit layer mapping has {len(explicit)} entries but the student has {num_student} layers: "
                 "give one teacher index per student layer, or [student, teacher] pairs"
             )
@@ -42,7 +46,7 @@ def _explicit_pairs(explicit: Sequence, num_student: int, num_teacher: int) -> L
                 teachers = (teachers,)
             if not (ok and _is_index(entry[0]) and isinstance(teachers, Sequence) and teachers
                     and all(_is_index(t) for t in teachers)):
-                raise ConfigError(
+                raise ValueError(
                     f"layer mapping entry {entry!r} is not [student, teacher]: write pairs such as [3, 6] or "
                     "[3, [5, 6]], or a plain list of teacher indices"
                 )
@@ -52,11 +56,11 @@ def _explicit_pairs(explicit: Sequence, num_student: int, num_teacher: int) -> L
         for t in ts:
             shown = [s, t] if len(ts) == 1 else [s, list(ts)]
             if not 0 <= t <= num_teacher:
-                raise ConfigError(
+                raise ValueError(
                     f"layer mapping entry {shown} is out of range: the teacher has hidden states 0..{num_teacher}"
                 )
             if not 0 <= s <= num_student:
-                raise ConfigError(
+                raise ValueError(
                     f"layer mapping entry {shown} is out of range: the student has hidden states 0..{num_student}"
                 )
         # A student index given twice gets every listed teacher (a 1-to-N mapping), duplicates dropped.
@@ -107,21 +111,21 @@ def layer_map(
         [(student hidden-state index, (teacher hidden-state indices, ...)), ...] sorted by student index.
     """
     if strategy not in STRATEGIES:
-        raise ConfigError(
+        raise ValueError(
             f"unknown layer mapping {strategy!r}{did_you_mean(str(strategy), STRATEGIES)}: "
             f"choose one of {', '.join(STRATEGIES)}"
         )
     if not (_is_index(num_student) and _is_index(num_teacher) and num_student >= 1 and num_teacher >= 1):
-        raise ConfigError(
+        raise ValueError(
             f"layer counts must be positive integers, got student {num_student!r}, teacher {num_teacher!r}"
         )
     if num_student > num_teacher:
-        raise ConfigError(
+        raise ValueError(
             f"the student has {num_student} layers but the teacher only {num_teacher}: "
             "a layer mapping needs a student no deeper than its teacher"
         )
     if explicit and strategy != "explicit":
-        raise ConfigError(
+        raise ValueError(
             f"an explicit layer list was given with mapping {strategy!r}: set mapping: explicit or drop the list"
         )
 
@@ -137,12 +141,12 @@ def layer_map(
         pairs = [(i, (i * l_t // l_s, l_t - l_s + i)) for i in range(1, l_s + 1)]
     else:
         if explicit is None:
-            raise ConfigError("layer mapping 'explicit' needs a list of layers: set layers: [...] in the config")
+            raise ValueError("layer mapping 'explicit' needs a list of layers: set layers: [...] in the config")
         pairs = _explicit_pairs(explicit, l_s, l_t)
 
     if include_embeddings:
         if pairs and pairs[0][0] == 0:
-            raise ConfigError(
+            raise ValueError(
                 "include_embeddings is set but the explicit mapping already maps student hidden state 0: drop one"
             )
         pairs = [(0, (0,)), *pairs]

@@ -1,7 +1,7 @@
 """Token-level divergences between the teacher's and the student's next-token distributions (causal LMs).
 
-methods.md section 7 (GKD, Agarwal et al. 2024: generalized JSD(beta), eq. 1) and section 8 (DistiLLM,
-Ko et al. 2024: skew KL and skew reverse KL; total variation distance). With P the teacher's
+docs/methods.md, GKD (Agarwal et al. 2024: generalized JSD(beta), eq. 1) and docs/methods.md, DistiLLM
+(Ko et al. 2024: skew KL and skew reverse KL; total variation distance). With P the teacher's
 and Q the student's distribution at one position, both softmax(z / temperature):
 
 - "forward-kl":      KL(P || Q)                                   (mean seeking)
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tadistill.errors import ConfigError, did_you_mean
+from tadistill.errors import did_you_mean
 from tadistill.objectives.divergence import check_mask, check_temperature
 
 KINDS = ("forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-reverse-kl", "tvd")
@@ -34,19 +34,23 @@ KINDS = ("forward-kl", "reverse-kl", "jsd", "skew-kl", "skew-reverse-kl", "tvd")
 
 def check_divergence_options(kind: str, temperature: float, beta: float, alpha: float,
                              teacher_topk: int | None = None) -> None:
-    """Raise ConfigError on an unknown kind or an out-of-range option (checked even when every token is masked)."""
+    """Raise ValueError on an unknown kind or an out-of-range option (checked even when every token is masked).
+
+    The config checks the same options for the user (``config.LogitDivergence``: one-line errors); this
+    guard protects the formulas (a beta outside [0, 1] is no mixture, k = 0 keeps no token).
+    """
     if kind not in KINDS:
-        raise ConfigError(
+        raise ValueError(
             f"unknown logit divergence {kind!r}{did_you_mean(str(kind), KINDS)}: choose one of {', '.join(KINDS)}"
         )
     check_temperature(temperature)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
-            raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}: set e.g. {name}: 0.5")
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     if teacher_topk is not None and not (
         isinstance(teacher_topk, int) and not isinstance(teacher_topk, bool) and teacher_topk >= 1
     ):
-        raise ConfigError(f"teacher_topk must be a positive integer or null, got {teacher_topk!r}: set e.g. 64")
+        raise ValueError(f"teacher_topk must be a positive integer or None, got {teacher_topk!r}")
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -63,7 +67,7 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 
 def _log_mix(log_a: Tensor, w_a: float, log_b: Tensor, w_b: float, both_zero: Tensor) -> Tensor:
-    """log(w_a A + w_b B) over (..., V), with w_a + w_b = 1, as a logsumexp of log-probabilities (methods.md s. 7).
+    """log(w_a A + w_b B) over (..., V), with w_a + w_b = 1, as a logsumexp of log-probabilities (GKD eq. 1).
 
     The endpoints return one side exactly (GKD's beta = 0 / 1 limits, DistiLLM's alpha = 0). Where log A
     and log B are both -inf (``both_zero``) the mixture is 0 and logsumexp's backward would be
@@ -107,7 +111,7 @@ def _divergence_from_log_probs(log_q: Tensor, log_p: Tensor, kind: str, beta: fl
     """
     # The generalized divergences are evaluated at their endpoints exactly, not through the mixture:
     # JSD(0) = KL(P||Q) and JSD(1) = KL(Q||P) (GKD, Agarwal et al. 2024, eq. 1 at its endpoints); SKL_0 = KL(P||Q),
-    # SRKL_0 = KL(Q||P) (DistiLLM, Ko et al. 2024; methods.md section 8).
+    # SRKL_0 = KL(Q||P) (DistiLLM, Ko et al. 2024; docs/methods.md, DistiLLM).
     if kind == "forward-kl" or (kind == "jsd" and beta == 0.0) or (kind == "skew-kl" and alpha == 0.0):
         return _kl(log_p, log_q)
     if kind == "reverse-kl" or (kind == "jsd" and beta == 1.0) or (kind == "skew-reverse-kl" and alpha == 0.0):
@@ -258,7 +262,7 @@ def logit_divergence(
         mask: bool (B, T), True = position to distill (for GKD: generated tokens, not the prompt or past EOS).
         kind: one of KINDS.
         temperature: T > 0 on both sides; no T^2 factor is applied.
-        beta: JSD weight in [0, 1] (GKD's best: 0.1 translation, 0.9 summarization; methods.md s. 7).
+        beta: JSD weight in [0, 1] (GKD's best: 0.1 translation, 0.9 summarization; docs/methods.md, GKD).
         alpha: skew weight in [0, 1] (DistiLLM uses 0.1).
         teacher_topk: None = full vocabulary. k = keep the teacher's k largest probabilities plus one
             "rest" bucket of mass 1 - sum(top-k); the student's distribution is collapsed onto the same

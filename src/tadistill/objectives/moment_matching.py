@@ -2,7 +2,7 @@
 
 Generation is an MDP: the state s_t is the prompt plus the prefix, the action a the next token. A
 Q-value head f(s_t, a) scores every vocabulary item at every position, and two moment distances are
-matched (methods.md section 9):
+matched (docs/methods.md, AMMD):
 
     off-policy (y ~ teacher):  D_off = E_{y~teacher} sum_t [ f(s_t, y_t) - E_{a~student} f(s_t, a) ]
     on-policy  (y ~ student):  D_on  = E_{y~student} sum_t [ E_{a~teacher} f(s_t, a) - f(s_t, y_t) ]
@@ -39,7 +39,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from tadistill.errors import ConfigError
 from tadistill.objectives.divergence import check_mask
 
 BASELINES = ("expected", "none")
@@ -56,7 +55,8 @@ class QValueHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, bound: float = 1.0) -> None:
         super().__init__()
         if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
-            raise ConfigError(f"Q head bound must be a positive number, got {bound!r}: set e.g. 1.0")
+            # The config checks objectives.moment-matching.bound (gt=0); 0 would make f identically 0.
+            raise ValueError(f"QValueHead: bound must be a finite positive number, got {bound!r}")
         self.bound = float(bound)
         self.proj = nn.Linear(hidden_size, vocab_size)
 
@@ -173,7 +173,7 @@ def on_policy_term(
         and the gradient sum_t grad log p_s(y_t | s_t) (C_t - b_t), the REINFORCE estimate of grad D_on.
     """
     if baseline not in BASELINES:
-        raise ConfigError(f"unknown AMMD baseline {baseline!r}: use one of {', '.join(BASELINES)}")
+        raise ValueError(f"on_policy_term: unknown baseline {baseline!r}: use one of {', '.join(BASELINES)}")
     _check(q, log_q_s, y, mask, "on_policy_term")
     _check(q, log_q_t, y, mask, "on_policy_term")
     q_loss = -on_policy_moment_gap(q, log_q_t.detach(), y, mask)
@@ -200,7 +200,7 @@ def combine_terms(on: MomentTerm | None, off: MomentTerm | None, *, beta: float)
     differ in length, the exact beta-mixture of per-token means).
     """
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and 0.0 <= beta <= 1.0):
-        raise ConfigError(f"AMMD beta must be in [0, 1], got {beta!r}: set e.g. beta: 0.5")
+        raise ValueError(f"combine_terms: beta must be a number in [0, 1], got {beta!r}")
     if beta == 1.0:
         if on is None:
             raise ValueError("combine_terms: beta = 1 needs the on-policy term")

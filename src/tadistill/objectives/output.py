@@ -1,6 +1,6 @@
 """Losses on the output (masked-LM) distribution: OD soft targets and the hard MLM loss.
 
-methods.md section 1 ("OD") and section 4 (DistilBERT: 5.0 tau^2 KL + 2.0 MLM + 1.0 cosine, tau = 2).
+docs/methods.md, OD and docs/methods.md, DistilBERT (5.0 tau^2 KL + 2.0 MLM + 1.0 cosine, tau = 2).
 Both functions return sums over the selected positions; the loop divides by their global count.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from tadistill.errors import ConfigError
 from tadistill.objectives.divergence import check_mask, check_temperature, kl_per_row
 
 IGNORE_INDEX = -100  # Hugging Face convention for positions without a masked-LM label
@@ -40,9 +39,10 @@ def soft_target_kl(
     """
     check_temperature(temperature)
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ConfigError(
-            f"output distillation needs one vocabulary (student {student_logits.shape[-1]} logits, teacher "
-            f"{teacher_logits.shape[-1]}): use a student that shares the teacher's tokenizer and vocabulary"
+        # Set-up refuses such models with a one-line error (OutputKLTerm); here it would pair unrelated tokens.
+        raise ValueError(
+            f"soft_target_kl: the student has {student_logits.shape[-1]} logits per position and the teacher "
+            f"{teacher_logits.shape[-1]}; the vocabularies must be one"
         )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
