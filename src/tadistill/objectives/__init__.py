@@ -3,8 +3,8 @@
 Every loss returns the SUM over valid rows (tokens, query rows, masked positions) of its per-row term
 as a float32 scalar; the training loop divides once by the global count of valid rows. Teacher tensors
 are treated as constants. Masks are bool (B, T), True = valid token. Bad inputs raise ValueError; the
-user-facing checks of the same conditions are the config's and the set-up's (docs/methods.md, Conventions
-shared by every loss).
+user-facing checks of the same conditions are the config's and the set-up's
+(docs/methods.md, Conventions shared by every loss).
 
 - divergence.py: kl_rows, the row-wise KL used by the others.
 - output.py: soft_target_kl (OD / DistilBERT), mlm_cross_entropy.
