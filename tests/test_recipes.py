@@ -42,7 +42,7 @@ def test_recipe_parses(name):
 # relation_heads 48 cannot divide the tiny models' width 32; a 32-token prompt does not fit 24 tokens.
 TINY = {"minilmv2": ["objectives.minilmv2.relation_heads=4"], "gkd": ["data.prompt_tokens=8"],
         "ammd": ["data.prompt_tokens=8"]}
-CAUSAL_RECIPES = {"kd", "gkd", "teacher-free", "ammd"}
+CAUSAL_RECIPES = {"kd", "gkd", "teacher-free", "ammd", "pretrain"}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

@@ -1,29 +1,36 @@
-"""The self-trained GPT-2 teacher: tokenizer round trips, training, determinism, atomic folder, cache."""
+"""The self-trained GPT-2 teacher: tokenizer round trips, training as an ordinary distill run, determinism,
+atomic folder, cache, and 'builtin-gpt2' trained on first use by the entry points only."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
+from tadistill import loading
 from tadistill.data import prepare
 from tadistill.data.builtin import builtin_texts
-from tadistill.data.tokenized import split_texts
-from tadistill.errors import ConfigError, DataError
+from tadistill.data.tokenized import split_texts, tokenize_corpus
+from tadistill.errors import ConfigError, DataError, ModelError
+from tadistill.registry import traits
+from tadistill.resolve import resolve_config
 from tadistill.teachers import causal
 from tadistill.teachers.causal import (
     TeacherSpec,
     cached_causal_teacher,
     default_teacher_dir,
-    evaluate_loss,
-    pack_texts,
+    teacher_config,
     train_causal_teacher,
 )
 from tadistill.teachers.tokenizer import END_OF_TEXT, train_bpe_tokenizer
+from tadistill.training.lane import _optimizer_and_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,16 +74,26 @@ def test_tokenizer_rejects_bad_input():
         train_bpe_tokenizer(["", ""])
 
 
-def test_pack_texts_separates_with_eos_and_masks_the_tail(texts):
+def test_the_loops_packing_joins_gpt2_texts_with_endoftext(texts):
+    """The teacher trains on data/tokenized.py's packing: full-length sequences, <|endoftext|> between texts."""
     tok = train_bpe_tokenizer(texts, vocab_size=300)
-    sample = texts[:5]
-    n_tokens = sum(len(tok(t)["input_ids"]) for t in sample) + len(sample)  # + one eos per text
-    ids, labels = pack_texts(sample, tok, 16)
-    assert ids.shape == (n_tokens // 16, 16) and torch.equal(ids, labels)
-    ids, labels = pack_texts(sample, tok, 16, keep_tail=True)
-    assert ids.shape == (math.ceil(n_tokens / 16), 16)
-    assert int((labels != -100).sum()) == n_tokens
-    assert int((ids == tok.eos_token_id).sum()) >= len(sample)
+    eos, sample = tok.eos_token_id, texts[:40]
+    splits = tokenize_corpus(sample, tok, max_length=16, heldout_fraction=0.1, seed=0)
+    sequences = [splits.train[i].tolist() for i in range(len(splits.train))]
+    assert all(len(s) == 16 for s in sequences[:-1])  # GPT-2 adds no special token: every slot is text or separator
+    assert all(s[0] != eos for s in sequences)  # a sequence never opens on a separator
+    # The texts joined by one <|endoftext|> each, in order; the packer may only drop separators (at a sequence's
+    # start) and the short tail.
+    pieces = [tok(t, add_special_tokens=False)["input_ids"] for t in split_texts(sample, 0.1, seed=0)[0]]
+    stream = [i for n, ids in enumerate(pieces) for i in ([eos] if n else []) + ids]
+    got, at = [t for s in sequences for t in s], 0
+    for token in got:
+        while stream[at] != token:
+            assert stream[at] == eos, "the packer dropped a text token"
+            at += 1
+        at += 1
+    assert len(stream) - at < 8  # only a tail shorter than 8 tokens is left out
+    assert got.count(eos) >= max(1, stream[:at].count(eos) - len(sequences))  # separators are kept
 
 
 def test_spec_is_checked():
@@ -84,22 +101,77 @@ def test_spec_is_checked():
         TeacherSpec(hidden=30, heads=4)
     with pytest.raises(ConfigError, match="warmup"):
         TeacherSpec(steps=10, warmup=20)
+    with pytest.raises(ConfigError, match="at least 8"):
+        TeacherSpec(context=4)
     with pytest.raises(ConfigError, match="unknown TeacherSpec"):
         TeacherSpec.from_dict({**TINY.to_dict(), "layer": 3})
     assert TeacherSpec.from_dict(TINY.to_dict()) == TINY
 
 
-def test_trained_teacher_loads_generates_and_beats_random_init(trained, texts):
+def test_teacher_config_is_the_pretrain_recipe_with_the_specs_numbers(tmp_path):
+    config = teacher_config(TINY, tmp_path / "source", "builtin", tmp_path)
+    assert config.recipe == "pretrain" and [o.kind for o in config.objectives] == ["lm"]
+    assert not traits("lm").needs_teacher  # teacher-free: the "teacher" folder only lends shape and tokenizer
+    assert config.teacher == config.student.pretrained == str(tmp_path / "source")
+    tc = config.train
+    assert (tc.steps, tc.batch_size, tc.lr, tc.warmup_steps, tc.weight_decay) == (30, 8, 3e-3, 3, 0.1)
+    assert (tc.schedule, tc.min_lr_ratio, tc.adam_betas, tc.max_grad_norm, tc.seed) == ("cosine", 0.1, (0.9, 0.95), 1.0, 0)
+    assert (config.data.max_length, config.data.packing, config.data.heldout_fraction) == (32, True, 0.02)
+    no_clip = TeacherSpec.from_dict({**TINY.to_dict(), "grad_clip": 0.0})
+    assert teacher_config(no_clip, tmp_path, "builtin", tmp_path).train.max_grad_norm is None
+
+
+def test_cosine_decays_to_the_floor_and_zero_keeps_the_plain_cosine():
+    def rates(*overrides):
+        config = resolve_config("pretrain", overrides=["train.steps=20", "train.warmup_steps=4",
+                                                       "train.warmup_ratio=0", "train.lr=1.0", *overrides])
+        optimizer, scheduler = _optimizer_and_schedule(config, torch.nn.Linear(2, 2), [])
+        out = []
+        for _ in range(20):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out + [scheduler.get_last_lr()[0]]
+
+    floor = rates("train.min_lr_ratio=0.1")
+    plain = rates("train.min_lr_ratio=0")
+    assert floor[4] == pytest.approx(1.0) and plain[4] == pytest.approx(1.0)  # the peak after warm-up
+    assert floor[-1] == pytest.approx(0.1) and plain[-1] == pytest.approx(0.0)
+    assert floor[:4] == plain[:4]  # the same warm-up
+    # Between, the floored cosine is the plain one squeezed into [0.1, 1].
+    assert all(f == pytest.approx(0.1 + 0.9 * p) for f, p in zip(floor[4:], plain[4:]))
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        resolve_config("pretrain", overrides=["train.schedule=linear"])
+
+
+def _heldout_loss(model, tokenizer, texts, context):
+    """Mean next-token cross-entropy, each text its own sequence: written out here, apart from measure/."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"][:context]])
+            if ids.size(1) < 2:
+                continue
+            logits = model(input_ids=ids).logits[0, :-1]  # (T-1, V)
+            total += float(F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum"))
+            count += ids.size(1) - 1
+    return total / count, count
+
+
+def test_trained_teacher_loads_generates_and_beats_its_random_init(trained, texts):
     assert {"model.safetensors", "config.json", "tokenizer.json", "teacher.json"} <= {p.name for p in trained.iterdir()}
     assert not [p for p in trained.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     info = json.loads((trained / "teacher.json").read_text())
-    assert info["spec"] == TINY.to_dict()
-    assert info["tokens_seen"] == 30 * 8 * 32
+    assert info["spec"] == TINY.to_dict() and info["recipe"] == "pretrain" and info["format"] == 2
+    assert 0.9 * 30 * 8 * 32 <= info["tokens_seen"] <= 30 * 8 * 32  # packed: full sequences but for the short tail
+    curve = info["train_loss_curve"]
+    assert curve[-1][0] == 30 and curve[-1][1] < curve[0][1] - 0.5  # the loop's logged loss fell
 
-    model = AutoModelForCausalLM.from_pretrained(trained)
+    model = AutoModelForCausalLM.from_pretrained(trained).eval()
     tok = AutoTokenizer.from_pretrained(trained)
     assert isinstance(model, GPT2LMHeadModel)
     assert model.config.n_layer == 2 and model.config.n_embd == 32 and model.config.vocab_size == len(tok)
+    assert model.config.n_positions == TINY.context and model.config.tie_word_embeddings
     assert model.config.eos_token_id == tok.eos_token_id == tok.pad_token_id
 
     prompt = tok("The module", return_tensors="pt")
@@ -107,17 +179,16 @@ def test_trained_teacher_loads_generates_and_beats_random_init(trained, texts):
     assert out.shape == (1, prompt["input_ids"].size(1) + 8)
     assert tok.decode(out[0]).startswith("The module")
 
-    # Held-out loss recomputed here, independently of the trainer's own report.
-    heldout = split_texts(texts, TINY.heldout_fraction, seed=TINY.seed)[1]
-    ids, labels = pack_texts(heldout, tok, TINY.context, keep_tail=True)
-    trained_loss = evaluate_loss(model, ids, labels)
-    torch.manual_seed(0)
-    untrained_loss = evaluate_loss(GPT2LMHeadModel(model.config), ids, labels)
-    assert untrained_loss > math.log(len(tok)) - 0.5  # a random init is near uniform
-    assert trained_loss < untrained_loss - 0.5
+    # Held-out loss recomputed here, independently of the trainer's report (causal_perplexity).
+    heldout = split_texts([t.strip() for t in texts], TINY.heldout_fraction, seed=TINY.seed)[1]
+    trained_loss, count = _heldout_loss(model, tok, heldout, TINY.context)
+    assert info["heldout_tokens"] == count
     assert info["heldout_loss"] == pytest.approx(trained_loss, abs=1e-4)
     assert info["heldout_perplexity"] == pytest.approx(math.exp(trained_loss), rel=1e-4)
-    assert info["initial_heldout_loss"] > info["heldout_loss"]
+    # Before training: the random GPT-2 the run started from, near uniform over the vocabulary.
+    assert abs(info["initial_heldout_loss"] - math.log(len(tok))) < 0.5
+    assert info["heldout_loss"] < info["initial_heldout_loss"] - 0.5
+    assert info["packed_heldout_loss_end"] < info["packed_heldout_loss_start"] - 0.5
 
 
 def _weights(folder):
@@ -125,9 +196,9 @@ def _weights(folder):
 
 
 def test_training_is_deterministic_and_leaves_the_global_rng_alone(trained, texts, tmp_path):
-    state = torch.get_rng_state()
+    state, py_state = torch.get_rng_state(), random.getstate()
     again = train_causal_teacher(tmp_path / "again", TINY, texts=texts, progress=False)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), state) and random.getstate() == py_state
     a, b = _weights(trained), _weights(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (trained / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
@@ -182,19 +253,47 @@ def test_cached_teacher_is_trained_once(tmp_path, monkeypatch):
     assert default_teacher_dir(TINY) != folder  # another spec, another folder
 
 
-def test_cli_teacher_train_and_the_builtin_gpt2_alias(texts, tmp_path, monkeypatch, capsys, tiny_gpt2):
-    from tadistill import loading
+@pytest.fixture
+def fake_training(trained, tmp_path, monkeypatch):
+    """An empty cache, and a 'training' of builtin-gpt2 that copies the tiny trained teacher; returns its calls."""
+    monkeypatch.setattr(prepare, "DEFAULT_CACHE", tmp_path / "cache")
+    calls = []
+
+    def copy(out, spec=TeacherSpec(), **kwargs):
+        calls.append(out)
+        shutil.copytree(trained, out)
+        return out
+
+    monkeypatch.setattr(causal, "train_causal_teacher", copy)
+    return calls
+
+
+def test_cli_teacher_train_and_the_alias_lookup(fake_training, capsys):
     from tadistill.cli.main import main
 
-    real = causal.train_causal_teacher
-    monkeypatch.setattr(causal, "train_causal_teacher",
-                        lambda out, **kw: real(out, TINY, texts=texts, progress=False, overwrite=kw["overwrite"]))
-    out = tmp_path / "cli-teacher"
-    assert main(["teacher", "train", "--out", str(out), "--no-progress"]) == 0
+    # Loading only looks 'builtin-gpt2' up: it never trains (that is a run, above the loading layer).
+    with pytest.raises(ModelError, match="tadistill teacher train"):
+        loading.resolve_model_path("builtin-gpt2")
+    assert main(["teacher", "train", "--no-progress"]) == 0
     assert "heldout_perplexity" in capsys.readouterr().out
-    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == TINY.layers
-    assert main(["teacher", "train", "--out", str(out)]) == 0  # cached: no second training
+    assert fake_training == [default_teacher_dir()]
+    assert loading.resolve_model_path("builtin-gpt2") == str(default_teacher_dir())
+    assert main(["teacher", "train"]) == 0  # cached: no second training
     assert "already trained" in capsys.readouterr().out
-    # 'builtin-gpt2' resolves through the cache (here pointed at a tiny GPT-2).
-    monkeypatch.setattr(causal, "cached_causal_teacher", lambda **kw: tiny_gpt2)
-    assert loading.resolve_model_path("builtin-gpt2") == str(tiny_gpt2)
+    assert len(fake_training) == 1
+
+
+def test_entry_points_train_builtin_gpt2_on_first_use(fake_training, tiny_corpus, tmp_path, capsys):
+    from tadistill.cli.main import main
+
+    assert main(["inspect", "builtin-gpt2@1x32"]) == 0
+    assert "gpt2" in capsys.readouterr().out
+    assert len(fake_training) == 1  # trained by the first command that named it
+    sets = [f"data.source={tiny_corpus}", f"data.cache_dir={tmp_path / 'tok'}", "data.max_length=24",
+            "data.heldout_fraction=0.2", "train.steps=2", "train.batch_size=4", "train.eval_batches=1",
+            "student.num_layers=1"]
+    out = tmp_path / "run"
+    assert main(["distill", "kd", *[a for s in sets for a in ("--set", s)], "--out", str(out), "--no-progress"]) == 0
+    assert len(fake_training) == 1  # found in the cache
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"] == "builtin-gpt2" and summary["teacher_shape"].startswith("2x32")

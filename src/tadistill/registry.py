@@ -123,6 +123,9 @@ RECIPES: dict[str, RecipeEntry] = {
     "teacher-free": RecipeEntry(
         "teacher-free.yaml", "causal LMs: truncate the teacher, continue pretraining with the LM loss only"
     ),
+    "pretrain": RecipeEntry(
+        "pretrain.yaml", "causal LMs: a random init of the teacher's shape trained with the LM loss only (builtin-gpt2)"
+    ),
 }
 
 

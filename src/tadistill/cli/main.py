@@ -152,7 +152,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tadistill.cli.show import print_inspect
+    from tadistill.teachers.causal import ensure_builtin_teacher
 
+    ensure_builtin_teacher(args.model.partition("@")[0])  # builtin-gpt2 is trained on first use
     print_inspect(args.model, seq_len=args.seq_len)
     return 0
 
@@ -165,7 +167,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tadistill.evaluation.suite import EvaluationSuite
     from tadistill.reports.tables import write_results
     from tadistill.study.config import EvaluationSpec
+    from tadistill.teachers.causal import ensure_builtin_teacher
 
+    ensure_builtin_teacher(args.teacher, args.student)  # builtin-gpt2 is trained on first use
     spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency,
                           zero_shot_tasks=args.zero_shot)
     texts = heldout_texts(args.texts, DataConfig(source=args.texts), seed=0, limit=spec.fidelity_texts)
@@ -189,6 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("give a study YAML or --example (not both)")
     path = Path(str(resources.files("tadistill") / "study" / EXAMPLES[args.example])) if args.example else Path(args.study)
     study = load_study(path)
+    from tadistill.teachers.causal import ensure_builtin_teacher
+
+    ensure_builtin_teacher(study.teacher, progress=not args.no_progress)  # builtin-gpt2: trained on first use
     out = args.out or _default_out(study.name)
     report = compare(study, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     from accelerate import PartialState
@@ -228,15 +235,17 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from tadistill.teachers.causal import default_teacher_dir, train_causal_teacher
+    from tadistill.teachers.causal import TEACHER_FILE, default_teacher_dir, train_causal_teacher
 
+    # The training is an ordinary distill run (recipe pretrain, the lm objective on a random GPT-2), published here.
     out = Path(args.out) if args.out else default_teacher_dir()
-    if (out / "teacher.json").is_file() and not args.overwrite:
+    if (out / TEACHER_FILE).is_file() and not args.overwrite:
         print(f"teacher already trained: {out} (pass --overwrite to train it again)")
     else:
         train_causal_teacher(out, progress=not args.no_progress, overwrite=args.overwrite)
-    info = json.loads((out / "teacher.json").read_text())
-    summary = {k: info[k] for k in ("heldout_perplexity", "train_seconds") if k in info}
+    info = json.loads((out / TEACHER_FILE).read_text())
+    summary = {k: info[k] for k in ("initial_heldout_perplexity", "heldout_perplexity", "tokens_seen",
+                                    "train_seconds") if k in info}
     print(f"teacher: {out}  {json.dumps(summary)}")
     print("use it with --set teacher=builtin-gpt2 (the cached default) or --set teacher=" + str(out))
     return 0
