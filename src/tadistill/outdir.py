@@ -77,7 +77,8 @@ def remove_contents(root: Path, names: Iterable[str]) -> None:
     """
     names = [n for n in names if n != MARKER]
     for entry in root.iterdir():
-        ours = entry.name in names or (is_temporary(entry.name) and any(entry.name[1:].startswith(f"{n}.") for n in names))
+        temporary = is_temporary(entry.name) and any(entry.name[1:].startswith(f"{n}.") for n in names)
+        ours = entry.name in names or temporary
         if not ours:
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -54,8 +54,10 @@ class CheckpointError(ValueError):
 
 
 def _reached(point: str, step: int) -> None:
-    """A named point of ``save_checkpoint`` (main process; ``extra``: every process): nothing happens here. tests/test_crash.py kills
-    the process at each one in turn (and while a file is half written) to show that ``--resume`` recovers."""
+    """A named point of ``save_checkpoint`` (main process; ``extra``: every process): nothing happens here.
+
+    tests/test_crash.py kills the process at each one in turn (and while a file is half written) to show
+    that ``--resume`` always recovers."""
 
 
 # ---------------------------------------------------------------------------------------- listing
