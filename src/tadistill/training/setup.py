@@ -8,7 +8,7 @@ lane computes the same numbers alone, in a study, or resumed):
 3. the lanes (student, terms, methods, optimizer; ``training/lane.py``), one per cell;
 4. the tokenized corpus splits, the held-out summary texts and the teacher's side of the embedding cosine;
 5. the stored teacher signals when the config names them, or the teacher itself (dropped when no lane
-   runs it);
+   runs it; while training, cut to the deepest block an objective reads: ``blocks_read_only``);
 6. the trainer, then the finished students.
 
 Everything that can refuse a config (models, terms, corpus) runs in steps 1-4, before the entry point
@@ -17,8 +17,10 @@ creates its run directory, so a mistake leaves nothing behind that a corrected r
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,9 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
 
-from tadistill.capture.architectures import resolve_architecture
+from tadistill.capture.architectures import get_module, resolve_architecture
 from tadistill.config import DistillConfig
 from tadistill.data.prepare import prepare_corpus
 from tadistill.data.tokenized import CorpusSplits
@@ -133,11 +136,15 @@ class RunSetup:
 
     def train(self, checkpoints: Path, *, progress: bool = True, drop_failed_lanes: bool = False) -> LoopResult:
         """Run the loop over every lane; the checkpoints hold all lanes (one Accelerate state)."""
+        with blocks_read_only(self.teacher, self.teacher_arch, self.lanes) as arch:
+            return self._train(arch, checkpoints, progress=progress, drop_failed_lanes=drop_failed_lanes)
+
+    def _train(self, teacher_arch, checkpoints: Path, *, progress: bool, drop_failed_lanes: bool) -> LoopResult:
         lanes = self.lanes
         state = (lanes[0].config.model_dump(mode="json") if len(lanes) == 1
                  else {lane.name: lane.config.model_dump(mode="json") for lane in lanes})
         trainer = Trainer(
-            lanes, self.accelerator, teacher=self.teacher, teacher_arch=self.teacher_arch, train=self.splits.train,
+            lanes, self.accelerator, teacher=self.teacher, teacher_arch=teacher_arch, train=self.splits.train,
             heldout=self.splits.heldout, tokenizer=TokenizerInfo.of(self.tokenizer), checkpoints=checkpoints,
             state_yaml=yaml.safe_dump(state, sort_keys=False), progress=progress,
             drop_failed_lanes=drop_failed_lanes, signals=self.signals,
@@ -152,6 +159,54 @@ class RunSetup:
             tokens_seen=result.tokens_seen, cosine_start=self.cosine_start[lane.name], began=self.began,
             teacher_parameters=self.teacher_parameters, teacher_embeddings=self.embeddings,
         )
+
+
+def deepest_block_read(lanes: list[Lane]) -> int | None:
+    """The deepest teacher block any lane's objectives read during training; None when they read its outputs
+    (logits, the final norm, samples from the teacher), so that the whole teacher must run."""
+    if any(lane.needs_teacher and (lane.distiller.needs_logits or lane.distiller.needs_causal_head)
+           or any(m.uses_teacher for m in lane.methods) for lane in lanes):
+        return None
+    deepest = 0
+    for lane in lanes:
+        if lane.needs_teacher:
+            request = lane.teacher_request
+            deepest = max(deepest, *request.hidden, *request.qkv)
+    return deepest
+
+
+@contextmanager
+def blocks_read_only(teacher, arch, lanes: list[Lane]):
+    """While training, the teacher runs only up to the deepest block an objective reads; yields its architecture.
+
+    MiniLMv2 from an upper-middle block (BERT-large block 21 of 24), or a layer mapping that skips the top
+    blocks, never needs the blocks above: they are cut from the teacher's block list (and its pooler, which
+    no objective reads, is not run) for the duration of training and put back afterwards, so the summary's
+    cosine sees the whole teacher. Exact: blocks below never see the ones above (tested equal).
+    """
+    deepest = deepest_block_read(lanes) if teacher is not None else None
+    if deepest is None or deepest >= arch.num_layers:
+        yield arch
+        return
+    deepest = max(deepest, 1)
+    parent_path, _, name = arch.layers.rpartition(".")
+    parent = get_module(teacher, parent_path)
+    blocks, count = getattr(parent, name), teacher.config.num_hidden_layers
+    base = teacher.base_model
+    pooler = getattr(base, "pooler", None)
+    setattr(parent, name, nn.ModuleList(list(blocks)[:deepest]))
+    teacher.config.num_hidden_layers = deepest  # models that loop over config.num_hidden_layers blocks
+    if isinstance(pooler, nn.Module):
+        base.pooler = None
+    try:
+        # The capture hooks see the cut teacher: hidden state ``deepest`` is that block's output, as in the
+        # whole teacher (only the top index L means "after the final norm").
+        yield dataclasses.replace(arch, num_layers=deepest, final_norm=None)
+    finally:
+        setattr(parent, name, blocks)
+        teacher.config.num_hidden_layers = count
+        if isinstance(pooler, nn.Module):
+            base.pooler = pooler
 
 
 def signal_spec(config: DistillConfig) -> tuple[Any, Any, Any, SignalSpec]:
