@@ -151,27 +151,28 @@ def load_average() -> list[float] | None:
 
 
 def single_lane_trainer(config, out):
-    """tadistill's Trainer and lane for one config, built with the calls ``tadistill.distill`` makes (api._run).
+    """tadistill's Trainer and lane for one config, prepared by the set-up ``tadistill.distill`` uses (RunSetup).
 
-    For benchmarks that time or drive the real loop step by step; the run directory ``out`` is created.
+    For benchmarks that time or drive the real loop step by step: ``RunSetup`` loads the teacher, builds the
+    lane and tokenizes the corpus exactly as a run does (api._run); the Trainer is then built with the
+    arguments ``RunSetup.train`` gives it, but returned instead of run, so that a benchmark can wrap its
+    steps first. The run directory ``out`` is created.
     """
-    from tadistill.data.prepare import prepare_corpus
-    from tadistill.training.lane import build_lane
-    from tadistill.training.loop import TokenizerInfo, Trainer
-    from tadistill.training.pipeline import load_teacher, new_accelerator
-    from tadistill.training.rundir import RunDir, config_to_yaml
+    import yaml
 
-    accelerator = new_accelerator(config.train.precision)
-    tokenizer, teacher, t_arch = load_teacher([config])
+    from tadistill.training.loop import TokenizerInfo, Trainer
+    from tadistill.training.rundir import RunDir
+    from tadistill.training.setup import Cell, RunSetup
+
     run = RunDir(out)
-    lane = build_lane("student", config, run, teacher=teacher, teacher_arch=t_arch, tokenizer=tokenizer)
-    splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
-                            max_positions=getattr(teacher.config, "max_position_embeddings", None))
+    setup = RunSetup([Cell("student", config, run)])
     run.prepare(config, resume=False, overwrite=False)
+    lane = setup.lanes[0]
     trainer = Trainer(
-        [lane], accelerator, teacher=teacher, teacher_arch=t_arch, train=splits.train, heldout=splits.heldout,
-        tokenizer=TokenizerInfo.of(tokenizer), checkpoints=run.checkpoints, state_yaml=config_to_yaml(config),
-        progress=False,
+        [lane], setup.accelerator, teacher=setup.teacher, teacher_arch=setup.teacher_arch, train=setup.splits.train,
+        heldout=setup.splits.heldout, tokenizer=TokenizerInfo.of(setup.tokenizer), checkpoints=run.checkpoints,
+        state_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), progress=False,
+        signals=setup.signals,
     )
     return trainer, lane
 

@@ -239,7 +239,7 @@ def prepare(opts: argparse.Namespace, work: Path) -> dict:
     from tadistill.data.batches import BatchOrder
     from tadistill.data.prepare import prepare_corpus
     from tadistill.students.spec import build_student_from_spec
-    from tadistill.training.pipeline import load_teacher
+    from tadistill.training.setup import load_teacher
 
     teacher_dir, teacher_how = pick_teacher(opts, work)
     config = resolve_config("gkd", overrides=tadistill_overrides(opts, teacher_dir, None))
@@ -358,7 +358,17 @@ def arm_tadistill(spec: dict, opts: argparse.Namespace, out: Path) -> dict:
         trainer.run()
     memory.end()
     return {**record.to_dict(), **memory.to_dict(), "elsewhere": sw.elsewhere, "wall_s": sw.wall,
-            "device": str(device), "threads": torch.get_num_threads(), "sources": dict(lane.sources)}
+            "device": str(device), "threads": torch.get_num_threads(), "sources": _continuation_counts(lane)}
+
+
+def _continuation_counts(lane) -> dict[str, int]:
+    """Micro-batches per continuation source: the counts of the lane's sampling method (methods/on_policy.py)."""
+    from tadistill.methods.on_policy import OnPolicySampling
+
+    counts = [dict(m.counts) for m in lane.methods if isinstance(m, OnPolicySampling)]
+    if len(counts) != 1:
+        raise RuntimeError(f"expected one sampling method in the gkd lane, found {len(counts)}")
+    return counts[0]
 
 
 def trl_arguments(opts: argparse.Namespace, out: Path, device: torch.device):
