@@ -30,9 +30,10 @@ TeacherLayer = Union[int, Literal["last", "last-1", "last-2"]]
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors; assignments are validated too."""
+    """Unknown keys are errors; assignments are validated too; no float may be NaN or infinite (``.inf`` in
+    YAML would pass a ``gt=0`` bound and reach torch)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------- student
@@ -267,7 +268,7 @@ class TrainConfig(_Strict):
     lr: float = Field(6e-4, gt=0.0, description="Peak learning rate (MiniLMv2 reproduction: 6e-4).")
     weight_decay: float = Field(0.01, ge=0.0)
     adam_eps: float = Field(1e-6, gt=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's (beta1, beta2), each in [0, 1).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (the larger of this and warmup_ratio wins).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup as a fraction of steps.")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
@@ -285,6 +286,14 @@ class TrainConfig(_Strict):
         # YAML 1.1 reads a bare `no` (--set train.precision=no) as False.
         return "no" if value is False else value
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # Checked here, not by torch.optim.AdamW after the run directory exists (issue 11).
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError("adam_betas must each be in [0, 1), e.g. [0.9, 0.999]")
+        return value
+
     @model_validator(mode="after")
     def _floor_needs_cosine(self) -> TrainConfig:
         if self.min_lr_ratio > 0 and self.schedule != "cosine":
@@ -296,7 +305,7 @@ class TrainConfig(_Strict):
     save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
     log_every: int = Field(10, ge=1, description="Metrics-log interval in steps.")
-    seed: int = Field(0, description="Seeds data order, masking, init and dropout.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds data order, masking, init and dropout (numpy's range).")
     stop_at: int | None = Field(
         None, ge=1, description="Stop after this step with a checkpoint (split a run into jobs; continue with --resume)."
     )

@@ -32,6 +32,9 @@ def resolve_model_path(name: str) -> str:
     this module, so it is trained on first use by the entry points (``teachers.causal.ensure_builtin_teacher``,
     called by ``distill``, ``cache-teacher`` and the CLI), never from below them.
     """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"a model name is {name!r}: give a local folder, a hub id or 'builtin' "
+                         "(e.g. --set teacher=PATH)")
     if name == BUILTIN_CAUSAL_TEACHER:
         folder = default_teacher_dir()
         if not is_teacher(folder):
@@ -49,10 +52,15 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _reason(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, cut to fit in a one-line error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _not_found(name: str, what: str, exc: Exception) -> ModelError:
     if Path(name).exists():
-        reason = str(exc).splitlines()[0][:200]
-        return ModelError(f"{what} {name!r} could not be loaded: {reason}")
+        return ModelError(f"{what} {name!r} could not be loaded: {_reason(exc)}")
     return ModelError(
         f"{what} {name!r} not found: it is not a local folder and the Hugging Face hub could not provide it "
         "(check the id, or download it and pass its local path)"
@@ -71,14 +79,51 @@ def load_model_config(name: str, *, trust_remote_code: bool = False, what: str =
         raise _not_found(name, what, exc) from None
     except OSError as exc:
         raise _not_found(name, what, exc) from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a user's config.json is the user's file
+        raise ModelError(f"{what} {name!r} has a config.json transformers cannot read ({_reason(exc)}): "
+                         "fix or replace the file") from None
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+# Files a tokenizer is built from. A local folder with none of them does not fail in transformers 5: it gets
+# a tokenizer of 5 special tokens, every word becomes [UNK], and a run "succeeds" on garbage (issue 11).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, what: str = "teacher"):
+    """The tokenizer of a model; refused in one line when it cannot be loaded or is not the model's real one.
+
+    Not real: a local folder without tokenizer files, or a vocabulary under half the model's ``vocab_size``
+    (models pad their embedding a little beyond the tokenizer, never to twice its size).
+    """
     path = resolve_model_path(name)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"{what} {name!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): tadistill distills "
+            "text models with their tokenizer; save the tokenizer into that folder (tokenizer.save_pretrained)"
+        )
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _not_found(name, "tokenizer of", exc) from None
+        raise _not_found(name, f"tokenizer of {what}", exc) from None
+    except Exception as exc:  # noqa: BLE001 - TypeError, KeyError ... from a folder transformers cannot read
+        raise ModelError(f"the tokenizer of {what} {name!r} could not be loaded ({_reason(exc)}): "
+                         "tadistill distills text models with their tokenizer files") from None
+    _check_real_vocabulary(tokenizer, path, name, what, trust_remote_code)
+    return tokenizer
+
+
+def _check_real_vocabulary(tokenizer, path: str, name: str, what: str, trust_remote_code: bool) -> None:
+    try:
+        vocab_size = int(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).vocab_size)
+    except Exception:  # noqa: BLE001 - no model config or no vocab_size: nothing to compare with
+        return
+    if len(tokenizer) < vocab_size // 2:
+        raise ModelError(
+            f"the tokenizer of {what} {name!r} has {len(tokenizer)} tokens but the model {vocab_size}: it is not "
+            "the model's tokenizer (missing or wrong tokenizer files); save the right one into the folder"
+        )
 
 
 def _from_pretrained(cls, path: str, **kwargs):
@@ -118,6 +163,12 @@ def load_pretrained(
                 "never pickles)"
             ) from None
         raise _not_found(name, what, exc) from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt weights file, shapes that contradict config.json
+        if "mismatch" in str(exc).lower():
+            raise ModelError(f"{what} {name!r} could not be loaded: its weights do not have the sizes its config.json "
+                             "gives; fix config.json or save the model again") from None
+        raise ModelError(f"{what} {name!r} could not be loaded, its weights look damaged ({_reason(exc)}): "
+                         "download or save the model again") from None
     if head == "mlm":
         missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
         if missing:

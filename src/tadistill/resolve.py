@@ -26,10 +26,18 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} not found: check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder: give the YAML file inside it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (a binary file?): give a YAML file") from None
+    except OSError as exc:  # permission denied, a broken device ...
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror or exc}): check the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} {path} is not valid YAML (at{where}): fix the file") from None
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: fix the file") from None
+    except RecursionError:  # deeply nested flow collections ([[[[...]]]]) exhaust the parser's stack
+        raise ConfigError(f"{what} {path} is nested too deeply to be a config: fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -39,6 +47,8 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
 
 def recipe_dict(name: str) -> dict[str, Any]:
     """The raw dict of a shipped recipe."""
+    if not isinstance(name, str):
+        raise ConfigError(f"recipe must be a recipe name, got {name!r}: run 'tadistill recipes' to list them")
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, RECIPES)}: run 'tadistill recipes' to list them")
     data = _read_yaml(recipe_path(name), "recipe")
@@ -96,9 +106,14 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
             if last:
                 node[idx] = value
                 break
+            if not isinstance(node[idx], dict):
+                raise ConfigError(f"--set {key}: {where} is {node[idx]!r}, not an objective: set the whole entry")
             schema = _objective_class(node[idx])
             node = node[idx]
             continue
+        if not isinstance(node, dict):
+            parent = ".".join(parts[:i])
+            raise ConfigError(f"--set {key}: {parent} is {node!r}, not a section: set {parent} itself or fix it first")
         if schema is not None and part not in schema.model_fields:
             raise ConfigError(f"unknown config key {where!r}{did_you_mean(part, _fields_of(schema))}")
         if last:
@@ -134,7 +149,7 @@ def _suggest_unknown(data: dict[str, Any], schema: type[BaseModel], prefix: str 
     """Raise for the first unknown key with a did-you-mean (pydantic's message has no suggestion)."""
     for key, value in data.items():
         if key not in schema.model_fields:
-            raise ConfigError(f"unknown config key {prefix + key!r}{did_you_mean(key, _fields_of(schema))}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{did_you_mean(str(key), _fields_of(schema))}")
         nested = schema.model_fields[key].annotation
         if isinstance(value, dict) and isinstance(nested, type) and issubclass(nested, BaseModel):
             _suggest_unknown(value, nested, f"{prefix}{key}.")
@@ -157,6 +172,7 @@ def resolve_config(
     recipe: str | None = None, *, config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> C.DistillConfig:
     """Recipe, then config file, then overrides -> validated config."""
+    _check_arguments(recipe, config_file, overrides)
     data: dict[str, Any] = {}
     file_data = _read_yaml(Path(config_file), "config file") if config_file else {}
     name = recipe or file_data.get("recipe")
@@ -170,3 +186,17 @@ def resolve_config(
     for assignment in overrides:
         data = apply_override(data, assignment)
     return build_config(data)
+
+
+def _check_arguments(recipe, config_file, overrides) -> None:
+    """The Python API refuses, in one line, what the CLI's parser never passes (a bare string of overrides
+    would be applied character by character)."""
+    if recipe is not None and not isinstance(recipe, str):
+        raise ConfigError(f"recipe must be a recipe name (a string), got {recipe!r}")
+    if config_file is not None and not isinstance(config_file, (str, Path)):
+        raise ConfigError(f"config_file must be a path, got {config_file!r}")
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}: "
+                          f"write overrides=[{overrides!r}]")
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")

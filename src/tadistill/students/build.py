@@ -96,11 +96,19 @@ def config_shape(config: PretrainedConfig) -> ConfigShape:
     )
 
 
+# Far beyond any published Transformer (126 blocks, width 16384, FFN 53248): a larger value is a typo, and
+# building it, even on the meta device, would run for hours (``inspect builtin@99999999999x8``).
+MAX_STUDENT_SIZE = {"num_layers": 1024, "hidden_size": 131072, "num_heads": 1024, "intermediate_size": 524288}
+
+
 def _check_positive(name: str, value: int | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"student {name} must be a positive integer, got {value!r}")
+    if value > MAX_STUDENT_SIZE[name]:
+        raise ConfigError(f"student {name}={value} is larger than any Transformer: use at most "
+                          f"{MAX_STUDENT_SIZE[name]}")
 
 
 def _divisors_hint(n: int, shown: int = 9) -> str:

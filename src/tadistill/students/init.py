@@ -60,9 +60,12 @@ def select_layers(
             f"an explicit layer list was given with strategy {strategy!r}: use strategy 'explicit' or drop the list"
         )
     if num_student > num_teacher:
+        # The config spells an explicit selection as a list (student.init_layers=[...]), not as a strategy name.
+        repeated = ",".join(str(j * num_teacher // num_student) for j in range(num_student))
         raise ConfigError(
             f"a {num_student}-layer student cannot take distinct blocks of a {num_teacher}-layer teacher: "
-            "use at most as many student layers, or strategy 'explicit' to repeat blocks"
+            f"use at most {num_teacher} student layers, or list the teacher blocks to repeat, e.g. "
+            f"student.init_layers=[{repeated}]"
         )
     if strategy == "first":
         return list(range(num_student))

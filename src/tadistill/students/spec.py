@@ -17,9 +17,8 @@ def build_student_from_spec(config: DistillConfig, teacher, tokenizer, *, head: 
     sc = config.student
     if sc.pretrained:
         student = load_pretrained(sc.pretrained, head=head, trust_remote_code=config.trust_remote_code, what="student")
-        check_same_vocabulary(
-            tokenizer, load_tokenizer(sc.pretrained, trust_remote_code=config.trust_remote_code), sc.pretrained
-        )
+        own = load_tokenizer(sc.pretrained, trust_remote_code=config.trust_remote_code, what="student")
+        check_same_vocabulary(tokenizer, own, sc.pretrained)
         return student
     shape = config_shape(teacher.config)
     layers = sc.num_layers or max(1, shape.layers // 2)
