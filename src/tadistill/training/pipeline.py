@@ -15,7 +15,7 @@ from tadistill.measure.parameters import count_parameters
 from tadistill.measure.embeddings import TeacherEmbeddings
 from safetensors.torch import save
 
-from tadistill.fileio import atomic_open, atomic_write_text
+from tadistill.fileio import apply_umask, atomic_open, atomic_write_text
 from tadistill.measure.perplexity import causal_perplexity
 from tadistill.loading import resolve_model_path
 from tadistill.training.lane import Lane
@@ -82,6 +82,7 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_d
     student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _copy_sentence_transformers_files(teacher_dir, tmp, student.config.hidden_size)
+    apply_umask(tmp)  # safetensors creates its files 0600: shared runs should be readable
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
