@@ -43,7 +43,7 @@ from torch import Tensor
 from tadistill.capture.heads import causal_lm_parts
 from tadistill.capture.hooks import Captured, CaptureRequest, capture
 from tadistill.data.tokenized import SequenceSet
-from tadistill.errors import ConfigError
+from tadistill.errors import ConfigError, DataError
 from tadistill.fileio import atomic_write_text
 from tadistill.training.terms import ModelOutputs
 
@@ -149,10 +149,7 @@ class TeacherSignals:
 
     def __init__(self, path: str | Path, *, meta: dict, spec: SignalSpec):
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.is_file():
-            raise ConfigError(f"teacher_signals {str(path)!r} holds no meta.json: write it with tadistill cache-teacher")
-        self.info = json.loads(meta_file.read_text(encoding="utf-8"))
+        self.info = _read_meta(self.path)
         if self.info.get("format") != FORMAT:
             raise ConfigError(f"teacher_signals {str(path)!r} has format {self.info.get('format')}, expected {FORMAT}: "
                               "write it again with this version")
@@ -168,6 +165,7 @@ class TeacherSignals:
             raise ConfigError(f"teacher_signals {str(path)!r} lack {', '.join(missing)}: write them with "
                               "tadistill cache-teacher and the same objectives")
         self.spec = spec
+        _check_shards(self.path, self.info, spec)
         self._shards: dict[tuple[str, int], dict[str, Tensor]] = {}
 
     def _shard(self, split: str, number: int) -> dict[str, Tensor]:
@@ -175,7 +173,12 @@ class TeacherSignals:
         if key not in self._shards:
             if len(self._shards) >= 4:  # keep a few shards in memory
                 self._shards.pop(next(iter(self._shards)))
-            self._shards[key] = load_file(str(self.path / f"{split}-{number:05d}.safetensors"))
+            file = self.path / f"{split}-{number:05d}.safetensors"
+            try:
+                self._shards[key] = load_file(str(file))
+            except Exception as exc:  # noqa: BLE001 - damaged after the check at start (the disk, another process)
+                raise DataError(f"teacher_signals shard {file} cannot be read ({_first_line(exc)}): write the signals "
+                                "again with tadistill cache-teacher") from None
         return self._shards[key]
 
     def _sequence(self, split: str, index: int) -> dict[str, Tensor]:
@@ -207,6 +210,67 @@ class TeacherSignals:
         packed = torch.cat([padded("topk_logprobs"), padded("topk_ids")], dim=-1)  # (B, T, 2k + 1)
         vocab = int(self.info["vocab_size"])
         return ModelOutputs(captured, None, packed, lambda r: topk_pseudo_logits(r, self.spec.topk, vocab))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def _read_meta(path: Path) -> dict:
+    """meta.json of a signals folder, checked for the fields a reader uses; one-line errors otherwise."""
+    meta_file = path / "meta.json"
+    again = "write the signals again with tadistill cache-teacher"
+    if not path.is_dir():
+        raise ConfigError(f"teacher_signals {str(path)!r} is not a folder: give the --out folder of tadistill "
+                          "cache-teacher")
+    if not meta_file.is_file():
+        raise ConfigError(f"teacher_signals {str(path)!r} holds no meta.json: write it with tadistill cache-teacher")
+    try:
+        info = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, not UTF-8
+        raise DataError(f"{meta_file} is damaged ({_first_line(exc)}): {again}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{meta_file} is damaged (not a JSON object): {again}")
+    fields = {"format": int, "hidden": list, "qkv": list, "sequences": dict, "shard_sequences": int}
+    wrong = [k for k, kind in fields.items() if not isinstance(info.get(k), kind)]
+    if "shard_sequences" not in wrong and info["shard_sequences"] < 1:
+        wrong.append("shard_sequences")
+    if "sequences" not in wrong and not all(isinstance(n, int) and n >= 0 for n in info["sequences"].values()):
+        wrong.append("sequences")
+    if info.get("topk") is not None and not isinstance(info.get("vocab_size"), int):
+        wrong.append("vocab_size")
+    if wrong:
+        raise DataError(f"{meta_file} is damaged (missing or wrong {', '.join(wrong)}): {again}")
+    return info
+
+
+def _check_shards(path: Path, info: dict, spec: SignalSpec) -> None:
+    """Every shard meta.json counts is there, readable (not truncated), and holds what ``spec`` reads.
+
+    Only headers and the small offsets tensors are read, so a damaged folder is refused before training
+    rather than at the step that first reaches the bad shard.
+    """
+    from safetensors import safe_open
+
+    needed = {"offsets", *(f"hidden.{i}" for i in spec.hidden)}
+    needed |= {f"{name}.{layer}" for layer in spec.qkv for name in ("query", "key", "value")}
+    if spec.topk is not None:
+        needed |= {"topk_logprobs", "topk_ids"}
+    per_shard = info["shard_sequences"]
+    for split, count in info["sequences"].items():
+        for number, first in enumerate(range(0, int(count), per_shard)):
+            file = path / f"{split}-{number:05d}.safetensors"
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    lacking = needed - set(handle.keys())
+                    offsets = handle.get_tensor("offsets") if not lacking else None
+            except Exception as exc:  # noqa: BLE001 - missing, truncated or not safetensors at all
+                raise DataError(f"teacher_signals shard {file} cannot be read ({_first_line(exc)}): write the "
+                                "signals again with tadistill cache-teacher") from None
+            if lacking or offsets.numel() != min(per_shard, int(count) - first) + 1:
+                raise DataError(f"teacher_signals shard {file} does not match meta.json (other sequences or "
+                                "signals): write the signals again with tadistill cache-teacher")
 
 
 def topk_pseudo_logits(packed: Tensor, k: int, vocab_size: int) -> Tensor:
