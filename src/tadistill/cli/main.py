@@ -34,6 +34,13 @@ DEMO_OVERRIDES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in tadistill's form: one line on stderr, status 2 (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
@@ -44,9 +51,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tadistill", description="Task-agnostic distillation of Transformer models."
-    )
+    parser = _Parser(prog="tadistill", description="Task-agnostic distillation of Transformer models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("distill", help="distill a teacher with a recipe", description="Run a distillation recipe.")
@@ -113,6 +118,27 @@ def _default_out(name: str) -> str:
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _check_out_folder(out, option: str, *, must_not_exist: bool = False) -> None:
+    """Refuse, before any work, an output folder that cannot be created: a file, a broken link, a path under
+    a file (``evaluate`` used to compute for a minute and then lose its results on such a path)."""
+    from pathlib import Path
+
+    from tadistill.errors import ConfigError
+
+    out = Path(out)
+    if must_not_exist and (out.exists() or out.is_symlink()):
+        raise ConfigError(f"{option} {out} already exists: choose another {option} or delete it")
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"{option} {out} is a broken symbolic link: choose another {option}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{option} {out} is a file: choose a folder")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{option} {out} is under the file {above}: choose a folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK) and not out.exists():
+        raise ConfigError(f"{option} {out} cannot be created: {above} is not writable")
+
+
 def _print_summary(result) -> None:
     from tadistill.cli.show import print_summary
 
@@ -169,13 +195,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tadistill.study.config import EvaluationSpec
     from tadistill.teachers.causal import ensure_builtin_teacher
 
+    from tadistill.errors import ConfigError
+    from tadistill.loading import load_model_config
+
+    out = Path(args.out) if args.out else Path(args.student).resolve().parent / "evaluation"
+    _check_out_folder(out, "--out")  # before the minutes of evaluation, not after
+    if args.max_length < 8:
+        raise ConfigError(f"--max-length {args.max_length} is too short: use at least 8 tokens (default 128)")
     ensure_builtin_teacher(args.teacher, args.student)  # builtin-gpt2 is trained on first use
+    load_model_config(args.student, what="student")  # a wrong student path fails now, not after the teacher's turn
     spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency,
                           zero_shot_tasks=args.zero_shot)
     texts = heldout_texts(args.texts, DataConfig(source=args.texts), seed=0, limit=spec.fidelity_texts)
     suite = EvaluationSuite(teacher=args.teacher, texts={"": texts}, spec=spec, max_length=args.max_length)
     rows = [suite.evaluate_teacher(), suite.evaluate_student(args.student, name="student")]
-    out = Path(args.out) if args.out else Path(args.student).resolve().parent / "evaluation"
     paths = write_results(out, rows)
     print(Path(paths["md"]).read_text())
     print(f"results: {out}")
@@ -224,6 +257,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from tadistill.resolve import resolve_config
 
     config = resolve_config(args.recipe, config_file=args.config, overrides=args.overrides)
+    _check_out_folder(args.out, "--out", must_not_exist=True)  # before the teacher runs over the corpus
     info = cache_teacher(config, out=args.out, progress=not args.no_progress)
     print(f"teacher signals: {args.out}  ({info['sequences']} sequences, {info['bytes_per_token']} bytes/token; "
           f"top-k {info['topk']}, hidden {info['hidden']}, Q/K/V blocks {info['qkv']})")
@@ -243,12 +277,27 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         print(f"teacher already trained: {out} (pass --overwrite to train it again)")
     else:
         train_causal_teacher(out, progress=not args.no_progress, overwrite=args.overwrite)
-    info = json.loads((out / TEACHER_FILE).read_text())
+    info = _read_teacher_info(out / TEACHER_FILE)
     summary = {k: info[k] for k in ("initial_heldout_perplexity", "heldout_perplexity", "tokens_seen",
                                     "train_seconds") if k in info}
     print(f"teacher: {out}  {json.dumps(summary)}")
     print("use it with --set teacher=builtin-gpt2 (the cached default) or --set teacher=" + str(out))
     return 0
+
+
+def _read_teacher_info(path) -> dict:
+    import json
+
+    from tadistill.errors import ConfigError
+
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}): pass --overwrite to train the teacher "
+                          "again") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{path} is damaged (not a JSON object): pass --overwrite to train the teacher again")
+    return info
 
 
 COMMANDS = {
@@ -268,7 +317,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed in one line)
+        return exc.code if isinstance(exc.code, int) else 2
     _quiet_libraries()
     from tadistill.training.signals import Interrupted
 
