@@ -53,8 +53,8 @@ def load_study(path: str | Path) -> StudyConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         return StudyConfig.model_validate(data)
-    except yaml.YAMLError:
-        raise ConfigError(f"study file {path} is not valid YAML: fix the file") from None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ConfigError(f"study file {path} is not valid YAML (or not UTF-8 text): fix the file") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
