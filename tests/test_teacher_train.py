@@ -18,7 +18,7 @@ from tadistill import loading
 from tadistill.data import prepare
 from tadistill.data.builtin import builtin_texts
 from tadistill.data.tokenized import split_texts, tokenize_corpus
-from tadistill.errors import ConfigError, DataError, ModelError
+from tadistill.errors import ConfigError, DataError, ModelError, TrainingError
 from tadistill.registry import traits
 from tadistill.resolve import resolve_config
 from tadistill.teachers import causal
@@ -231,6 +231,13 @@ def test_existing_folders_are_never_overwritten_silently(texts, tmp_path):
     assert json.loads((folder / "teacher.json").read_text())["spec"]["seed"] == 7
     assert (folder / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty", "t"]  # no temporary sibling left behind
+
+
+def test_divergence_is_told_in_the_specs_terms_and_leaves_nothing(texts, tmp_path):
+    wild = TeacherSpec.from_dict({**TINY.to_dict(), "steps": 6, "warmup": 0, "lr": 1e6, "grad_clip": 0.0})
+    with pytest.raises(TrainingError, match=r"loss is nan at step \d+ \(lm: nan\): lower TeacherSpec.lr"):
+        train_causal_teacher(tmp_path / "t", wild, texts=texts, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither a teacher nor a temporary folder
 
 
 def test_cached_teacher_is_trained_once(tmp_path, monkeypatch):

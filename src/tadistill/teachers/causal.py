@@ -38,6 +38,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -51,13 +52,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from tadistill.api import distill
 from tadistill.config import BUILTIN_CAUSAL_TEACHER, DistillConfig
 from tadistill.data.tokenized import split_texts
-from tadistill.errors import ConfigError, DataError
+from tadistill.errors import ConfigError, DataError, TrainingError
 from tadistill.loading import load_pretrained, load_tokenizer
 from tadistill.measure.perplexity import causal_perplexity
 from tadistill.resolve import build_config, recipe_dict
 from tadistill.teachers.spec import TEACHER_FILE, TEACHER_FORMAT, TeacherSpec, default_teacher_dir, is_teacher
 from tadistill.teachers.tokenizer import train_bpe_tokenizer
 from tadistill.training.rundir import RunDir
+from tadistill.training.signals import Interrupted
 
 __all__ = [
     "TEACHER_FILE", "TEACHER_FORMAT", "TeacherSpec", "cached_causal_teacher", "default_teacher_dir",
@@ -215,7 +217,7 @@ def train_causal_teacher(
             data_source = "builtin" if builtin else _write_corpus(work / "corpus.jsonl", texts)
             config = teacher_config(spec, source, data_source, work)
             started = time.perf_counter()
-            result = distill(config, out=work / "run", progress=progress)
+            result = _run(config, work / "run", progress=progress)
             seconds = time.perf_counter() - started
             initial_loss, heldout_tokens = _heldout(source, heldout_texts, spec)
             heldout_loss, _ = _heldout(result.student_dir, heldout_texts, spec)
@@ -254,6 +256,19 @@ def train_causal_teacher(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _run(config: DistillConfig, out: Path, *, progress: bool):
+    """The distill run, with its two user errors told in the teacher's terms (no --resume, no train.lr to set)."""
+    try:
+        return distill(config, out=out, progress=progress)
+    except Interrupted as exc:
+        raise Interrupted(f"teacher training stopped by {signal.Signals(exc.signum).name}: nothing was published; "
+                          "run it again to start over", exc.signum) from None
+    except TrainingError as exc:
+        what = str(exc).partition(": training stopped")[0]  # "loss is nan at step 2 (lm: nan)"
+        raise TrainingError(f"teacher training diverged, {what}: lower TeacherSpec.lr or raise TeacherSpec.warmup"
+                            ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
