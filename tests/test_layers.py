@@ -32,9 +32,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # What everything uses and what uses nothing else: user errors with one-line messages, atomic
     # writes, the rules that keep a user's --out folder safe.
     ("foundation", ("tadistill.errors", "tadistill.fileio", "tadistill.outdir")),
-    # Mechanisms on tensors and modules: hooks on model internals, pure objectives. They know no config,
-    # no data and no loading, so that each is testable on hand-made tensors.
-    ("mechanisms", ("tadistill.capture", "tadistill.objectives")),
+    # Mechanisms on tensors and modules: hooks on model internals, pure objectives, prunable units (masks,
+    # materialisation). They know no config, no data and no loading, so that each is testable on hand-made tensors.
+    ("mechanisms", ("tadistill.capture", "tadistill.objectives", "tadistill.structure")),
     # Typed configuration; it checks layer-mapping names with objectives.layer_maps.
     ("configuration", ("tadistill.config",)),
     # Text in, token tensors out (reads its DataConfig); the BPE tokenizer trainer is a data tool.
