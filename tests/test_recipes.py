@@ -42,7 +42,7 @@ def test_recipe_parses(name):
 # relation_heads 48 cannot divide the tiny models' width 32; a 32-token prompt does not fit 24 tokens.
 TINY = {"minilmv2": ["objectives.minilmv2.relation_heads=4"], "gkd": ["data.prompt_tokens=8"],
         "ammd": ["data.prompt_tokens=8"]}
-CAUSAL_RECIPES = {"kd", "gkd", "teacher-free", "ammd", "pretrain"}
+CAUSAL_RECIPES = {"kd", "gkd", "teacher-free", "ammd", "pretrain", "minitron"}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -51,7 +51,9 @@ def test_recipe_runs_two_steps(name, tiny_args, tmp_path, request):
     teacher = request.getfixturevalue("tiny_gpt2") if name in CAUSAL_RECIPES else None
     args = tiny_args(*TINY.get(name, []), teacher=teacher)
     assert main(["distill", name, *args, "--out", str(out), "--no-progress"]) == 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = resolve_config(name).stages  # a staged recipe (minitron): its last stage trains
+    run = out / "stages" / stages[-1].name if stages else out
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in steps)  # neither NaN nor inf

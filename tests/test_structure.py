@@ -150,7 +150,7 @@ def test_removing_every_query_head_of_a_group_removes_its_key_value_head():
 
 
 def test_masks_refused_when_no_config_can_describe_them():
-    model, layout, _, _ = _case("llama-groups")
+    _, layout, _, _ = _case("llama-groups")
     with pytest.raises(ConfigError, match="the same number in every group"):
         Kept.of(Masks.keep(layout, heads=[[0, 1, 2]] * 3), layout)  # 2 heads in group 0, 1 in group 1
     with pytest.raises(ConfigError, match="same number"):
@@ -177,7 +177,7 @@ def test_block_masks_skip_blocks_and_soft_gates_carry_gradients():
 
 
 def test_selection_keeps_the_highest_scores_and_whole_groups():
-    model, layout, _, _ = _case("qwen2")  # 8 query heads, 2 key/value heads: groups {0..3}, {4..7}
+    _, layout, _, _ = _case("qwen2")  # 8 query heads, 2 key/value heads: groups {0..3}, {4..7}
     heads = torch.tensor([[9, 1, 8, 0, 5, 5, 5, 5.0]] * 3)
     scores = Scores(heads=heads, ffn=torch.arange(48.0).repeat(3, 1), hidden=-torch.arange(32.0),
                     blocks=torch.tensor([0.3, 0.1, 0.2]))

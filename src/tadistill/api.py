@@ -19,6 +19,7 @@ from typing import Any
 from tadistill.config import DistillConfig
 from tadistill.fileio import atomic_write_text
 from tadistill.training.rundir import RunDir
+from tadistill.training.prune import prune_run
 from tadistill.training.setup import Cell, RunSetup, new_accelerator, signal_spec
 from tadistill.training.stages import MODULES_FILE, Stage, expand_stages
 
@@ -69,8 +70,12 @@ def _run_stages(config: DistillConfig, run: RunDir, stages: list[Stage], *, resu
         stage_run = RunDir(stage.folder)
         if stage_run.summary_path.is_file() and (stage_run.student / "config.json").is_file():
             continue  # finished before an interruption
-        result = _run(stage.config, stage_run, resume=stage_run.config_path.is_file(), overwrite=False,
-                      progress=progress, stage=stage)
+        if stage.action == "prune":  # structured pruning into the student's shape, no training
+            summary = prune_run(stage.config, stage_run, resume=stage_run.config_path.is_file())
+            result = DistillResult(stage_run.root, stage_run.student, summary)
+        else:
+            result = _run(stage.config, stage_run, resume=stage_run.config_path.is_file(), overwrite=False,
+                          progress=progress, stage=stage)
         if result.student_dir is None:
             return DistillResult(run.root, None, {**result.summary, "stage": stage.name})
     last = RunDir(stages[-1].folder)

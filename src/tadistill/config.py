@@ -366,6 +366,29 @@ class AssistantConfig(_Strict):
     steps: int | None = Field(None, ge=1, description="Assistant steps; null uses train.steps.")
 
 
+class PruneConfig(_Strict):
+    """Structured pruning of the teacher into the student's shape: what a stage with ``action: prune`` does.
+
+    The target is the student's shape (``student.num_layers``, ``hidden_size``, ``num_heads``,
+    ``intermediate_size``, with their usual defaults); the teacher's units (blocks, heads, FFN units, hidden
+    channels) are ranked by ``method`` on calibration batches of the training split and the most important
+    ones kept (``tadistill/structure/``). The result is a plain checkpoint of the smaller shape.
+    """
+
+    method: Literal["minitron"] = Field(
+        "minitron", description="Importance criterion: 'minitron' (activations on calibration batches; block "
+        "importance 1 - cos(block input, output) for depth; Muralidharan et al. 2024, Sreenivas et al. 2024).",
+    )
+    calibration_batches: int = Field(
+        8, ge=1, description="Batches of train.batch_size training sequences the importance is computed on, at most "
+        "one pass over the training split (Sreenivas et al. 2024 use 1024 sequences).",
+    )
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads kept (grouped-query attention); null keeps the teacher's number of "
+        "query heads per key/value head, so whole groups are pruned.",
+    )
+
+
 class StageConfig(_Strict):
     """One stage of a chained run: prune then distil, generic then specific, teacher -> assistant -> student.
 
@@ -375,6 +398,10 @@ class StageConfig(_Strict):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="Stage name: its folder under stages/.")
+    action: Literal["distill", "prune"] = Field(
+        "distill", description="'distill': train the stage's student; 'prune': prune the stage's teacher into the "
+        "student's shape by importance (``prune``), no training (Minitron's first stage).",
+    )
     recipe: str | None = Field(None, description="Take this recipe's objectives (the rest comes from the run).")
     set: list[str] = Field([], description="Overrides of this stage, as --set KEY=VALUE (e.g. train.steps=100).")
     student_from: Literal["previous", "config"] = Field(
@@ -399,6 +426,7 @@ class DistillConfig(_Strict):
     train: TrainConfig = TrainConfig()
     assistant: AssistantConfig = AssistantConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
+    prune: PruneConfig = PruneConfig()
     teacher_signals: str | None = Field(
         None,
         description="Folder written by `tadistill cache-teacher` for this config: train from the stored teacher "
@@ -429,6 +457,11 @@ class DistillConfig(_Strict):
             raise ValueError(f"stage names must be unique, got {names}")
         if self.stages and self.assistant.enabled:
             raise ValueError("assistant.enabled is a two-stage run of its own: write the stages out instead")
+        for i, stage in enumerate(self.stages):
+            if stage.action == "prune" and (stage.carry_modules or (i > 0 and stage.student_from == "previous")):
+                raise ValueError(f"stage {stage.name} prunes its teacher into the student's shape: give it "
+                                 "student_from: config and no carry_modules (to prune an earlier stage's student, "
+                                 "set its teacher to stage:NAME)")
         if self.stages and self.stages[0].student_from == "previous" and self.stages[0].carry_modules:
             raise ValueError(f"stage {names[0]} is the first: it has no previous stage to carry modules from")
         if self.train.compile and (self.on_policy.samples or self.on_policy.adaptive):

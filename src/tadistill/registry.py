@@ -6,6 +6,9 @@
   tadistill keeps lists of kinds: the set-up, the lane and the loop ask these rows.
 - ``METHODS`` lists the behaviours beyond loss terms (``training/hooks.py``): each row's ``build``
   returns the method's hooks when a config asks for the method, None otherwise.
+- ``PRUNING`` lists the importance criteria of structured pruning (``prune.method``, a stage with
+  ``action: prune``; ``training/prune.py``): each row's ``scores`` ranks the teacher's units
+  (``tadistill/structure/``).
 - ``RECIPES`` maps a recipe name to its YAML file and a one-line summary.
 
 A test checks that these tables, the recipe files shipped in ``tadistill/recipes/`` and the CLI agree.
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tadistill import config as C
-from tadistill.methods import ammd, distillm, on_policy
+from tadistill.methods import ammd, distillm, minitron, on_policy
 from tadistill.training import terms as T
 from tadistill.training.embedding_term import SentenceEmbeddingTerm
 
@@ -100,6 +103,19 @@ METHODS: dict[str, MethodEntry] = {
 
 
 @dataclass(frozen=True)
+class PruningEntry:
+    scores: Callable[..., Any]  # (model, layout, calibration batches) -> structure.Scores
+    paper: str
+
+
+PRUNING: dict[str, PruningEntry] = {
+    "minitron": PruningEntry(
+        minitron.activation_scores, "Muralidharan et al. 2024 (Minitron), sec. 2.2; Sreenivas et al. 2024"
+    ),
+}
+
+
+@dataclass(frozen=True)
 class RecipeEntry:
     file: str
     summary: str
@@ -122,6 +138,9 @@ RECIPES: dict[str, RecipeEntry] = {
     "ammd": RecipeEntry("ammd.yaml", "causal LMs: adversarial moment matching, Q head vs student (reconstruction)"),
     "teacher-free": RecipeEntry(
         "teacher-free.yaml", "causal LMs: truncate the teacher, continue pretraining with the LM loss only"
+    ),
+    "minitron": RecipeEntry(
+        "minitron.yaml", "causal LMs: prune the teacher to the student's shape by activation importance, then KD"
     ),
     "pretrain": RecipeEntry(
         "pretrain.yaml", "causal LMs: a random init of the teacher's shape trained with the LM loss only (builtin-gpt2)"

@@ -4,7 +4,9 @@ A stage starts from the previous stage's student (``student_from: previous``) an
 ``carry_modules``, from its learned modules (projections, masks ...); a teacher written ``stage:NAME`` is
 the student of an earlier stage. MiniLM's teacher assistant (Wang et al. 2020, section 3.3) is the
 two-stage run ``expand_stages`` makes of ``assistant.enabled``: first the teacher into an assistant of
-the teacher's depth and the student's width, then the assistant into a fresh student.
+the teacher's depth and the student's width, then the assistant into a fresh student. A stage with
+``action: prune`` trains nothing: it prunes its teacher into the student's shape (``training/prune.py``;
+Minitron's first stage), and the next stage starts from that student.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tadistill.errors import ConfigError
 from tadistill.loading import load_model_config
 from tadistill.resolve import apply_override, build_config, recipe_dict
 from tadistill.training.pipeline import MODULES_FILE  # noqa: F401  (re-exported for the stages' readers)
+from tadistill.training.prune import check_prune
 
 STAGES_DIR = "stages"
 TEACHER_PREFIX = "stage:"
@@ -28,6 +31,7 @@ class Stage:
     config: DistillConfig
     folder: Path
     carry_from: Path | None  # the previous stage's folder, when its modules start this stage's
+    action: str = "distill"  # "prune": the teacher pruned into the student's shape (training/prune.py)
 
 
 def _assistant_stages(config: DistillConfig) -> list[StageConfig]:
@@ -51,10 +55,13 @@ def expand_stages(config: DistillConfig, root: Path) -> list[Stage]:
     for spec in specs:
         try:
             stage_config = _stage_config(spec, base, out, folders)
+            if spec.action == "prune" and stage_config.teacher not in {str(f / "student") for f in folders.values()}:
+                check_prune(stage_config)  # a teacher that exists already: its family and the target, now
         except ConfigError as exc:
             raise ConfigError(f"stage {spec.name}: {exc}") from None
         previous = out[-1].folder if out else None
-        out.append(Stage(spec.name, stage_config, folders[spec.name], previous if spec.carry_modules else None))
+        out.append(Stage(spec.name, stage_config, folders[spec.name], previous if spec.carry_modules else None,
+                         spec.action))
     return out
 
 
