@@ -285,12 +285,22 @@ def evaluate_task(model_path: str, task: str, *, mode: str = "probe", seeds: Seq
     :func:`linear_probe` or :func:`finetune`. Returns ``{"task", "mode", "metrics": {metric: {"mean",
     "std"}}, "headline": first metric, "seeds", "train_size", "eval_size"}``.
 
+    A token task (``stdlib-ner``, ``conll2003``, ``wikiann-<lang>``, ``squad``, ``squad_v2``, CoNLL / token
+    JSONL / SQuAD JSON files: :mod:`tadistill.evaluation.token_tasks`) goes to
+    :func:`~tadistill.evaluation.token_tasks.evaluate_token_task` with the same arguments and result shape.
+
     A retrieval task (``stdlib-retrieval``) has no labels to probe or fine-tune on: whatever ``mode``,
     it is scored zero-shot by :func:`tadistill.evaluation.retrieval.evaluate_retrieval` (mode
     "retrieval"); ``max_length``, ``device`` and ``trust_remote_code`` apply, the rest is ignored.
     """
     from tadistill.evaluation.retrieval import RETRIEVAL_TASKS, evaluate_retrieval
+    from tadistill.evaluation.token_tasks import evaluate_token_task, token_task_kind
     from tadistill.loading import load_pretrained, load_tokenizer
+
+    if token_task_kind(task) is not None:  # NER-style tagging and extractive QA: their own data and metrics
+        if mode not in MODES:
+            raise ConfigError(f"evaluation mode {mode!r} is not one of {list(MODES)}: use 'probe' or 'finetune'")
+        return evaluate_token_task(model_path, str(task).strip(), mode=mode, seeds=_check_seeds(seeds), **kw)
 
     if str(task).strip().lower() in RETRIEVAL_TASKS:
         if mode not in MODES:

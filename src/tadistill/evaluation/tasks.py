@@ -17,6 +17,8 @@ classes), or pearson and spearman for regression.
 
 "stdlib-retrieval" (``RETRIEVAL_TASKS``) is no labeled task: it scores zero-shot retrieval by embedding
 cosine (:mod:`tadistill.evaluation.retrieval`), and ``evaluate_task`` sends it there; ``load_task`` refuses it.
+Token-level tasks (NER-style tagging, extractive QA: "stdlib-ner", "conll2003", "squad", CoNLL and SQuAD
+files) have their own loaders in :mod:`tadistill.evaluation.token_tasks`; ``load_task`` refuses them too.
 
 Rows are tuples ``(text, text_pair or None, label)``. Subsampling (``max_train`` / ``max_eval``) uses a
 ``torch.Generator`` seeded with ``seed`` and keeps the original row order.
@@ -133,6 +135,11 @@ def load_task(name_or_path: str, *, max_train: int | None = None, max_eval: int 
     if name.lower() in RETRIEVAL_TASKS:
         raise ConfigError(f"{name!r} is a retrieval task with no labels: evaluate it with evaluate_task, "
                           "or tadistill evaluate --tasks stdlib-retrieval")
+    from tadistill.evaluation.token_tasks import token_task_kind
+
+    if token_task_kind(name) is not None:
+        raise ConfigError(f"{name!r} is a token-level task (tags or answer spans): evaluate it with evaluate_task, "
+                          f"or tadistill evaluate --tasks {name}")
     known = KNOWN_TASKS.get(name.lower())
     if known is not None and known.name == "stdlib-topic":
         data = _load_stdlib_topic(known)
@@ -217,10 +224,12 @@ def _load_local(name: str) -> TaskData:
     elif Path(name).suffix.lower() in LOCAL_SUFFIXES or "/" in name or "\\" in name:
         raise DataError(f"task file {name!r} not found: check the path")
     else:
+        from tadistill.evaluation.token_tasks import TOKEN_TASK_NAMES
+
         raise ConfigError(
-            f"unknown task {name!r}{did_you_mean(name.lower(), [*KNOWN_TASKS, *RETRIEVAL_TASKS])}: use one of "
-            "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, xnli-<lang>, stdlib-topic, stdlib-retrieval, "
-            "or a .csv/.jsonl file"
+            f"unknown task {name!r}{did_you_mean(name.lower(), [*KNOWN_TASKS, *RETRIEVAL_TASKS, *TOKEN_TASK_NAMES])}: "
+            "use one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, xnli-<lang>, stdlib-topic, "
+            "stdlib-retrieval, stdlib-ner, conll2003, wikiann-<lang>, squad, squad_v2, or a .csv/.jsonl/.conll/.json file"
         )
     tables = [_read_table(p) for p in paths]
     has_pair = [pair for pair, _ in tables]
