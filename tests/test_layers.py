@@ -40,8 +40,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Text in, token tensors out (reads its DataConfig); the BPE tokenizer trainer is a data tool.
     ("data", ("tadistill.data", "tadistill.teachers.tokenizer")),
     # Models: loading teachers and tokenizers, building and initialising students; what determines the built-in
-    # GPT-2 teacher and where its trained copy is cached (loading looks 'builtin-gpt2' up there).
-    ("models", ("tadistill.loading", "tadistill.students", "tadistill.teachers.spec")),
+    # GPT-2 teacher and where its trained copy is cached (loading looks 'builtin-gpt2' up there); the same for the
+    # built-in teacher's fitted masked-LM head ('builtin-mlm').
+    ("models", ("tadistill.loading", "tadistill.students", "tadistill.teachers.spec",
+                "tadistill.teachers.mlm_spec")),
     # What a run summary and the evaluation both measure: sentence embeddings, perplexity, parameters.
     ("measurements", ("tadistill.measure",)),
     # Training: the loop, its set-up, terms and method hooks, and the one table that names objectives,

@@ -47,8 +47,10 @@ def distill(
     """
     # builtin-gpt2 is trained on first use, by a run of its own (imported here: teachers.causal calls distill).
     from tadistill.teachers.causal import ensure_builtin_teacher, models_named
+    from tadistill.teachers.mlm_head import ensure_builtin_mlm_teacher
 
     ensure_builtin_teacher(*models_named(config), progress=progress)
+    ensure_builtin_mlm_teacher(*models_named(config), progress=progress)  # builtin-mlm: its head, fitted once
     run = RunDir(out)
     stages = expand_stages(config, run.root)  # every stage's config is checked before anything is created
     with run.lock():  # one process per run directory, for the whole run (a second one is refused in one line)
@@ -143,9 +145,11 @@ def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = Tr
     from tadistill.data.prepare import prepare_corpus
     from tadistill.training.loop import TokenizerInfo
     from tadistill.teachers.causal import ensure_builtin_teacher, models_named
+    from tadistill.teachers.mlm_head import ensure_builtin_mlm_teacher
     from tadistill.training.teacher_cache import signal_meta, write_teacher_signals
 
     ensure_builtin_teacher(*models_named(config), progress=progress)
+    ensure_builtin_mlm_teacher(*models_named(config), progress=progress)
     tokenizer, teacher, t_arch, spec = signal_spec(config)
     splits = prepare_corpus(config.data, tokenizer, seed=config.train.seed,
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))

