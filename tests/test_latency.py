@@ -41,8 +41,8 @@ def test_measure_latency_keys_and_positive_values() -> None:
         assert stats["p90_ms"] >= stats["median_ms"]
         assert stats["sequences_per_s"] == pytest.approx(batch * 1e3 / stats["median_ms"])
         assert stats["tokens_per_s"] == pytest.approx(64 * stats["sequences_per_s"])
-    # 32 sequences per call cost more per call than 1.
-    assert result["batch_32"]["median_ms"] > result["batch_1"]["median_ms"]
+    # No comparison of the two timings: wall-clock claims belong in benchmarks, not tests (a loaded machine
+    # can time one sequence slower than 32).
     assert model.training, "the training flag must be restored"
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +28,14 @@ from tadistill.data.prepare import heldout_texts
 from tadistill.errors import ConfigError, TadistillError
 from tadistill.fileio import atomic_write_text
 from tadistill.resolve import resolve_config
+from tadistill.study.cells import Cell, replicate_cells, training_passes
 from tadistill.study.config import StudyConfig
+from tadistill.study.init_rows import save_init_students
 from tadistill.study.studydir import _prepare_study_dir, read_status, study_lock, write_status
 from tadistill.training.lane import SHARED_TRAIN_FIELDS
 from tadistill.training.rundir import RunDir
 from tadistill.training.setup import Cell as TrainCell
 from tadistill.training.setup import RunSetup, new_accelerator
-
-
-@dataclass
-class Cell:
-    name: str
-    method: str
-    shape: str
-    config: DistillConfig | None
-    error: str | None = None
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -94,10 +86,13 @@ def expand_cells(study: StudyConfig) -> list[Cell]:
                     if shared_key or key.startswith("data.") or key == "teacher":
                         raise ConfigError(f"method {method.name} sets {key}, which every cell of a study shares")
                 config = resolve_config(method.recipe, overrides=[*method.set, *shared, *shape.overrides()])
+                if config.stages or config.assistant.enabled:
+                    raise ConfigError(f"method {method.name} is a chained run (stages or assistant.enabled): a study "
+                                      "trains one stage per cell; run it with tadistill distill instead")
                 cells.append(Cell(name, method.name, shape.name, config))
             except TadistillError as exc:
                 cells.append(Cell(name, method.name, shape.name, None, str(exc)))
-    return cells
+    return cells + replicate_cells(cells, study.noise)  # trained in passes of their own (training_passes)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -225,11 +220,16 @@ def _compare(study: StudyConfig, out: Path, *, resume: bool, overwrite: bool, pr
             if cell.error and read_status(out, cell.name)["state"] != "failed":
                 write_status(out, cell.name, "failed", error=cell.error)
     state.wait_for_everyone()
-    train_cells(cells, out, progress=progress)
-    if (out / "pass.json").is_file():
-        return out / "report"  # stopped early (train.stop_at); --resume continues
+    pass_file = out / "pass.json"
+    pending = json.loads(pass_file.read_text(encoding="utf-8"))["cells"] if pass_file.is_file() else None
+    for group in training_passes(cells, pending):  # one pass per training seed (replicates: study.noise)
+        train_cells(group, out, progress=progress)
+        if pass_file.is_file():
+            return out / "report"  # stopped early (train.stop_at); --resume continues
     if state.is_main_process:  # evaluation runs in one process; the others wait for the report
-        evaluate_cells(study, cells, out)
+        # Each shape at its initialisation, evaluated like the cells (house style rule 15).
+        inits = save_init_students(cells, out)
+        evaluate_cells(study, cells + inits, out)
         build_report(out)
     state.wait_for_everyone()
     return out / "report"
