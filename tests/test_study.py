@@ -218,3 +218,13 @@ def test_causal_study_trains_sampling_and_teacher_free_cells_in_one_pass(tmp_pat
         assert row["intrinsic/perplexity"] > 1 and row["fidelity/output_kl"] >= 0
     table = (out / "report" / "study.md").read_text()
     assert "intrinsic/perplexity" in table and "fidelity/output_kl" in table
+
+
+def test_a_chained_method_is_a_failed_cell_not_a_silent_single_stage(tmp_path, tiny_teacher, tiny_corpus, task_csv):
+    from tadistill.study.compare import expand_cells
+
+    methods = [{"name": "ta", "recipe": "minilm", "set": ["assistant.enabled=true"]}, {"name": "hs", "recipe": "hs"}]
+    study = load_study(_study(tmp_path, tiny_teacher, tiny_corpus, task_csv, methods=methods))
+    cells = {c.name: c for c in expand_cells(study)}
+    assert all(c.config is None and "chained run" in c.error for n, c in cells.items() if n.startswith("ta_"))
+    assert all(c.config is not None for n, c in cells.items() if n.startswith("hs_"))
