@@ -118,25 +118,18 @@ def _default_out(name: str) -> str:
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _check_out_folder(out, option: str, *, must_not_exist: bool = False) -> None:
-    """Refuse, before any work, an output folder that cannot be created: a file, a broken link, a path under
-    a file (``evaluate`` used to compute for a minute and then lose its results on such a path)."""
+def _check_out_folder(out, *, must_not_exist: bool = False) -> None:
+    """Refuse, before any work, an --out that cannot become a folder: a file, a broken link, a path under a
+    file, no permission (``evaluate`` used to compute for a minute and then lose its results on such a path)."""
     from pathlib import Path
 
     from tadistill.errors import ConfigError
+    from tadistill.outdir import check_out_path
 
     out = Path(out)
     if must_not_exist and (out.exists() or out.is_symlink()):
-        raise ConfigError(f"{option} {out} already exists: choose another {option} or delete it")
-    if out.is_symlink() and not out.exists():
-        raise ConfigError(f"{option} {out} is a broken symbolic link: choose another {option}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{option} {out} is a file: choose a folder")
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError(f"{option} {out} is under the file {above}: choose a folder")
-    if above is not None and not os.access(above, os.W_OK | os.X_OK) and not out.exists():
-        raise ConfigError(f"{option} {out} cannot be created: {above} is not writable")
+        raise ConfigError(f"--out {out} already exists: choose another --out or delete it")
+    check_out_path(out)  # the same rules as a run directory's
 
 
 def _print_summary(result) -> None:
@@ -199,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tadistill.loading import load_model_config
 
     out = Path(args.out) if args.out else Path(args.student).resolve().parent / "evaluation"
-    _check_out_folder(out, "--out")  # before the minutes of evaluation, not after
+    _check_out_folder(out)  # before the minutes of evaluation, not after
     if args.max_length < 8:
         raise ConfigError(f"--max-length {args.max_length} is too short: use at least 8 tokens (default 128)")
     ensure_builtin_teacher(args.teacher, args.student)  # builtin-gpt2 is trained on first use
@@ -257,7 +250,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from tadistill.resolve import resolve_config
 
     config = resolve_config(args.recipe, config_file=args.config, overrides=args.overrides)
-    _check_out_folder(args.out, "--out", must_not_exist=True)  # before the teacher runs over the corpus
+    _check_out_folder(args.out, must_not_exist=True)  # before the teacher runs over the corpus
     info = cache_teacher(config, out=args.out, progress=not args.no_progress)
     print(f"teacher signals: {args.out}  ({info['sequences']} sequences, {info['bytes_per_token']} bytes/token; "
           f"top-k {info['topk']}, hidden {info['hidden']}, Q/K/V blocks {info['qkv']})")
