@@ -10,7 +10,7 @@ half of ``max_length`` first). A span head scores each token as the answer's sta
 (two logits per token); training minimizes the mean of the two cross-entropies over the window's
 positions, padding excluded. A window that does not contain the whole answer, and every window of a
 no-answer question, is trained to point both at position 0 (``[CLS]`` for BERT-like models), the
-"no answer" position of SQuAD 2.0.
+"no answer" position of SQuAD 2.0 (BERT's section 4.3).
 
 Prediction per question: over all its windows, the best span ``(i, j)`` of context tokens with
 ``i <= j < i + max_answer_tokens`` (30) by ``start_i + end_j``; its text is the context between the
