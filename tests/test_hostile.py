@@ -299,8 +299,6 @@ def test_distill_resume_and_overwrite_together_is_one_line(run, tiny_teacher, ti
          "--overwrite"], r"contradict")
 
 
-@pytest.mark.xfail(strict=True, reason="batch_size > the training split is found by BatchOrder inside the Trainer, "
-                   "after the run directory exists; needs a check in training/setup.py RunSetup (core engineer)")
 def test_batch_larger_than_the_training_split_creates_nothing(run, tiny_teacher, tiny_corpus, cache_dir):
     run(["distill", "hs", *_tiny(tiny_teacher, tiny_corpus, cache_dir, "train.batch_size=100000"), "--out",
          "{tmp}/run", "--no-progress"], r"too few sequences .* for the batch size 100000")

@@ -122,11 +122,18 @@ def _run(config: DistillConfig, run: RunDir, *, resume: bool, overwrite: bool, p
 
 def _carry_modules(setup: RunSetup, path: Path) -> None:
     """Start the lane's learned modules from a previous stage's, where names and shapes match."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from tadistill.errors import RunDirError
 
     if not path.is_file():
         return  # the previous stage learned no modules
-    saved = load_file(str(path))
+    try:
+        saved = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise RunDirError(f"{path} cannot be read ({str(exc).splitlines()[0][:120]}): rerun the previous stage "
+                          "(delete its folder and --resume) or set carry_modules: false") from None
     own = setup.lanes[0].distiller.state_dict()
     matching = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     setup.lanes[0].distiller.load_state_dict(matching, strict=False)

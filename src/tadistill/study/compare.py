@@ -40,6 +40,8 @@ from tadistill.training.setup import RunSetup, new_accelerator
 
 def load_study(path: str | Path) -> StudyConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"study file {path} is a folder: give the study's YAML file (or use --example)")
     if not path.is_file():
         raise ConfigError(f"study file {path} not found: check the path (or use --example)")
     try:

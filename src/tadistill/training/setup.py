@@ -33,6 +33,7 @@ from torch import nn
 
 from tadistill.capture.architectures import get_module, resolve_architecture
 from tadistill.config import DistillConfig
+from tadistill.data.batches import BatchOrder
 from tadistill.data.prepare import prepare_corpus
 from tadistill.data.tokenized import CorpusSplits
 from tadistill.errors import ConfigError, TadistillError
@@ -114,6 +115,7 @@ class RunSetup:
         self.splits: CorpusSplits = prepare_corpus(
             first.data, self.tokenizer, seed=first.train.seed,
             max_positions=getattr(self.teacher.config, "max_position_embeddings", None))
+        BatchOrder(len(self.splits.train), first.train.batch_size, seed=first.train.seed)  # too few sequences: refuse now
         self.texts = self.splits.heldout_texts[:SUMMARY_TEXTS]
         # The teacher's side of every lane's cosine (before and after training), computed once.
         self.embeddings = TeacherEmbeddings(self.tokenizer, self.texts)
