@@ -373,7 +373,8 @@ def test_windows_hold_the_answer_tokens_and_decode_finds_the_best_span(tiny_toke
     from tadistill.evaluation.token_encoding import token_tokenizer
 
     tok = token_tokenizer(tiny_tokenizer)
-    context = "The quick brown fox jumps over the lazy dog near the river bank. " * 3 + "Python ships its documentation."
+    context = "The quick brown fox jumps over the lazy dog near the river bank. " * 3
+    context += "Python ships its documentation."
     long = QAExample("q", "What ships?", context, ("Python",), (context.index("Python"),))
     short = QAExample("r", "Who jumps?", "The quick brown fox jumps.", ("brown fox",), (10,))
     windows = make_windows(tok, [long, short], 32)

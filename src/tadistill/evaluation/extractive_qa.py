@@ -301,7 +301,8 @@ def qa_finetune(model_path: str, tokenizer, data: QAData, *, seeds: Sequence[int
                     schedule.step()
             evaluation = make_windows(tokenizer, data.eval, length)
             start_logits, end_logits = _predict_spans(model, evaluation, batch_size, device)
-            predicted = decode(data.eval, evaluation, start_logits, end_logits, allow_no_answer=data.spec.allow_no_answer)
+            predicted = decode(data.eval, evaluation, start_logits, end_logits,
+                               allow_no_answer=data.spec.allow_no_answer)
             runs.append(squad_scores(predicted, [e.answers for e in data.eval]))
         del model
         if device.type == "cuda":

@@ -95,7 +95,8 @@ def read_squad(path: Path) -> list[QAExample]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"task file {where} could not be read ({type(exc).__name__}): check its encoding (UTF-8)") from None
+        raise DataError(f"task file {where} could not be read ({type(exc).__name__}): check its encoding "
+                        "(UTF-8)") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"task file {where} is not valid JSON (line {exc.lineno}): give SQuAD-format JSON") from None
     articles = document.get("data") if isinstance(document, dict) else None
