@@ -83,6 +83,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_args, tmp_path, monk
     assert (out / "checkpoints" / "step-00000002").is_dir()
     assert not (out / "student").exists()
 
+    # The usual remedy: resume from the last good checkpoint with a lower learning rate. The step count
+    # continues; the new peak rate applies from there.
+    monkeypatch.setattr(terms, "hidden_mse", real)
+    assert main([*argv[:-3], "--set", "train.lr=1e-5", "--out", str(out), "--no-progress", "--resume"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[2]["lr"] < 1e-5 < rows[0]["lr"]  # linear decay from the new peak, at the step reached
+
 
 def test_minilm_teacher_assistant_chain(tiny_args, tmp_path):
     out = tmp_path / "ta"
