@@ -66,7 +66,9 @@ def run_cell(name: str, overrides: list[str], out: Path) -> dict:
     if not teacher_file.is_file():
         teacher_file.write_text(json.dumps(scores("builtin"), indent=1))
     config = resolve_config(DEMO_RECIPE, overrides=[*DEMO_OVERRIDES, *overrides])
-    student_keys = config.student.model_dump_json() + config.teacher + str(config.train.seed)
+    # A student copied from the teacher is the same for every training seed; a random one is not.
+    seed = str(config.train.seed) if config.student.init == "random" else ""
+    student_keys = config.student.model_dump_json() + config.teacher + seed
     init_dir = out / "init" / hashlib.sha256(student_keys.encode()).hexdigest()[:12]
     init_file = init_dir / "scores.json"
     if not init_file.is_file():  # the same initial student for every cell that builds it
