@@ -65,7 +65,8 @@ smoke=0
 for arg in "$@"; do [[ "$arg" == "--cpu-smoke" ]] && smoke=1; done
 if [[ $smoke == 0 && -d .gpu/wheels ]]; then
   site=/tmp/tadistill-gpu-site
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/wheels/*.whl
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    .gpu/wheels/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT/src:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"

@@ -139,7 +139,8 @@ def rows(size: str, work: Path, log: Path, budget: Budget, *, cpu: bool) -> list
         same_student = _shapes(run) == reference_shapes
         met = len(losses) == len(reference) and worst <= tolerance and same_student
         details = (f"max rel. diff {worst:.1e} over {len(losses)} steps (step 1: {gaps[0]:.1e}); ran as "
-                   f"{seen.get('distributed_type')} on {seen.get('device')}, mixed precision {seen.get('mixed_precision')}, "
+                   f"{seen.get('distributed_type')} on {seen.get('device')}, mixed precision "
+                   f"{seen.get('mixed_precision')}, "
                    f"student prepared as {seen['prepared'][0][0] if seen['prepared'] else '?'}; saved student "
                    f"{'has' if same_student else 'does NOT have'} the plain run's names and shapes")
         out.append(Row("accelerate", check, f"{worst:.1e}", target, met, details,

