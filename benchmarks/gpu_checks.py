@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx.size = "smoke" if ctx.smoke else "full"
     ctx.out = (ctx.out or Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results" / "gpu")).resolve()
     ctx.out.mkdir(parents=True, exist_ok=True)
+    results = ROOT / "benchmarks" / "results"
+    if ctx.out.is_relative_to(results):  # as run.py does: measured results are never committed by accident
+        (results / ".gitignore").write_text("*\n", encoding="utf-8")
     ctx.log = ctx.out / "log.txt"
     ctx.work = Path(tempfile.mkdtemp(prefix="tadistill-gpu-"))
     ctx.budget = Budget(ctx.budget_s or DEFAULT_BUDGET[ctx.size])
