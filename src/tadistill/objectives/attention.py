@@ -18,7 +18,10 @@ Memory: scores and relations are (B, H, T, T) float32. The score functions (atte
 attention_score_mse) make one float32 copy per model, fill it in place, keep the student's log-softmax for
 backward and build the teacher side under no_grad; masks stay broadcast ((B, 1, 1, T) or (B, 1, T, T)
 bool). relation_kl builds its relations from the (B, T, d) inputs and keeps two (T, T) tensors per head
-for backward: the student's logits and the teacher's probabilities.
+for backward: the student's logits and the teacher's probabilities. At long sequences those (T, T)
+tensors dominate: with ``chunk_size``, relation_kl, value_relation_kl and qk_attention_kl (MiniLM's
+L_AT from the captured projections) go through ``objectives/chunked_relations.py`` instead, which only
+ever holds ``chunk_size`` query rows of them (same value and gradients).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from tadistill.capture.attention import attention_logits, split_heads
+from tadistill.objectives.chunked_relations import check_chunk_size, chunked_row_kl
 from tadistill.objectives.divergence import check_mask, kl_per_row
 
 
@@ -145,6 +150,7 @@ def relation_kl(
     *,
     relation_heads: int,
     causal: bool = False,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """MiniLMv2 self-attention relation transfer for one of Q, K or V (docs/methods.md, MiniLMv2).
 
@@ -156,6 +162,9 @@ def relation_kl(
         mask: bool (B, T), True = valid token.
         relation_heads: A_r; must divide d_S and d_T. Each model uses its own d_r = d / A_r.
         causal: also block keys after the query (decoders).
+        chunk_size: None = the whole (B A_r, T, T) relations at once; an integer below T = that many query
+            rows at a time, recomputed in backward (``chunked_row_kl``): same value and gradients, peak memory
+            O(chunk_size x T) instead of O(T x T).
 
     Returns:
         float32 scalar: sum over valid query rows (b, t) of (1/A_r) sum_a KL(R_T[b,a,t,:] || R_S[b,a,t,:]),
@@ -177,10 +186,26 @@ def relation_kl(
             f"{d_s} and the teacher width {d_t}, such as {suggest_relation_heads(d_s, d_t)[0]}"
         )
     check_mask(mask, student_x.shape[0], student_x.shape[1], "relation_kl")
+    check_chunk_size(chunk_size)
     # float32 throughout, also inside a bf16 / fp16 autocast region (which would run the matmuls in half
     # precision): the KL below is a difference of O(log T) terms and needs their digits.
     with torch.autocast(student_x.device.type, enabled=False):
+        if chunk_size is not None and chunk_size < student_x.shape[1]:
+            with torch.no_grad():
+                t_query, t_key = _scaled_heads(teacher_x.detach(), mask, relation_heads)
+            s_query, s_key = _scaled_heads(student_x, mask, relation_heads)
+            return chunked_row_kl(s_query, s_key, t_query, t_key, mask, causal=causal, chunk_size=chunk_size)
         return _relation_kl_float32(student_x, teacher_x, mask, relation_heads, causal)
+
+
+def _scaled_heads(x: Tensor, mask: Tensor, relation_heads: int) -> tuple[Tensor, Tensor]:
+    """(B, T, d) -> float32 (x_a / sqrt(d_r), x_a), each (B * A_r, T, d_r): query and key of the relation
+    x_a x_a^T / sqrt(d_r), padded positions zeroed (as _relation_logits does)."""
+    b, t, d = x.shape
+    d_r = d // relation_heads
+    x = x.float().masked_fill(~mask[:, :, None], 0.0)
+    x_a = x.reshape(b, t, relation_heads, d_r).transpose(1, 2).reshape(b * relation_heads, t, d_r)
+    return x_a * (1.0 / math.sqrt(d_r)), x_a
 
 
 def _relation_kl_float32(student_x: Tensor, teacher_x: Tensor, mask: Tensor, relation_heads: int,
@@ -213,6 +238,7 @@ def value_relation_kl(
     student_kv_heads: int,
     teacher_kv_heads: int,
     causal: bool = False,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """MiniLM's value relation L_VR (Wang et al. 2020, eq. 3-4), one relation per attention head.
 
@@ -230,6 +256,7 @@ def value_relation_kl(
         num_heads: H, the query-head count, equal in both models (the attention maps need it).
         student_kv_heads, teacher_kv_heads: H_kv of each model; each must divide H.
         causal: also block keys after the query (decoders).
+        chunk_size: query rows at a time, as in ``relation_kl`` (None: all at once).
 
     Returns:
         float32 scalar: sum over valid query rows of (1/H) sum_a KL(VR_T[g_T(a)] || VR_S[g_S(a)]).
@@ -239,7 +266,8 @@ def value_relation_kl(
             raise ValueError(f"value_relation_kl: {who} has {kv} key/value heads, which must divide H={num_heads} "
                              f"and its value width {x.shape[-1]}")
     if student_kv_heads == teacher_kv_heads:
-        return relation_kl(student_v, teacher_v, mask, relation_heads=student_kv_heads, causal=causal)
+        return relation_kl(student_v, teacher_v, mask, relation_heads=student_kv_heads, causal=causal,
+                           chunk_size=chunk_size)
 
     def per_query_head(x: Tensor, kv: int) -> Tensor:
         # (B, T, H_kv d) -> (B, T, H d): value head g is repeated for each of the H / H_kv query heads reading it.
@@ -247,8 +275,71 @@ def value_relation_kl(
 
     return relation_kl(
         per_query_head(student_v, student_kv_heads), per_query_head(teacher_v.detach(), teacher_kv_heads), mask,
-        relation_heads=num_heads, causal=causal,
+        relation_heads=num_heads, causal=causal, chunk_size=chunk_size,
     )
+
+
+def qk_attention_kl(
+    student_q: Tensor,
+    student_k: Tensor,
+    teacher_q: Tensor,
+    teacher_k: Tensor,
+    mask: Tensor,
+    *,
+    num_heads: int,
+    student_kv_heads: int,
+    teacher_kv_heads: int,
+    causal: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """MiniLM's L_AT (docs/methods.md, MiniLM) from the captured query and key projections of both models.
+
+    ``attention_kl(attention_logits(student), attention_logits(teacher))`` when ``chunk_size`` is None or
+    covers every query row; otherwise ``chunk_size`` query rows at a time (``chunked_row_kl``), so that
+    neither model's (B, H, T, T) scores ever exist whole. Same value and gradients.
+
+    Args:
+        student_q: (B, T, H d_h,S); student_k: (B, T, H_kv,S d_h,S) (Hugging Face head layout).
+        teacher_q, teacher_k: the teacher's, (B, T, H d_h,T) and (B, T, H_kv,T d_h,T); constants.
+        mask: bool (B, T), True = valid token.
+        num_heads: H, equal in both models (maps are compared head by head).
+        student_kv_heads, teacher_kv_heads: H_kv of each model (grouped-query attention: query head h reads
+            key head h // (H / H_kv), as ``attention_logits`` does).
+        causal: also block keys after the query (decoders).
+        chunk_size: query rows at a time; None = all.
+
+    Returns:
+        float32 scalar: the SUM ``attention_kl`` returns.
+    """
+    check_chunk_size(chunk_size)
+    t = student_q.shape[1]
+    if chunk_size is None or chunk_size >= t:
+        scores_s = attention_logits(student_q, student_k, num_heads=num_heads, num_kv_heads=student_kv_heads)
+        scores_t = attention_logits(teacher_q, teacher_k, num_heads=num_heads, num_kv_heads=teacher_kv_heads)
+        return attention_kl(scores_s, scores_t, mask, causal=causal)
+    check_mask(mask, student_q.shape[0], t, "qk_attention_kl")
+    with torch.autocast(student_q.device.type, enabled=False):
+        with torch.no_grad():
+            t_query, t_key = _attention_heads(teacher_q.detach(), teacher_k.detach(), mask, num_heads,
+                                              teacher_kv_heads)
+        s_query, s_key = _attention_heads(student_q, student_k, mask, num_heads, student_kv_heads)
+        return chunked_row_kl(s_query, s_key, t_query, t_key, mask, causal=causal, chunk_size=chunk_size)
+
+
+def _attention_heads(q: Tensor, k: Tensor, mask: Tensor, num_heads: int, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """(B, T, H d_h), (B, T, H_kv d_h) -> float32 (q_h / sqrt(d_h), k_h), each (B * H, T, d_h), key heads
+    repeated for grouped-query attention, padded positions zeroed (their scores are masked anyway)."""
+    if num_heads % kv_heads:
+        raise ValueError(f"qk_attention_kl: num_heads={num_heads} is not a multiple of num_kv_heads={kv_heads}")
+    keep = mask[:, :, None]
+    q_h = split_heads(q.float().masked_fill(~keep, 0.0), num_heads)  # (B, H, T, d_h)
+    k_h = split_heads(k.float().masked_fill(~keep, 0.0), kv_heads)  # (B, H_kv, T, d_h)
+    if q_h.shape[-1] != k_h.shape[-1]:
+        raise ValueError(f"qk_attention_kl: query head_dim {q_h.shape[-1]} != key head_dim {k_h.shape[-1]}")
+    if kv_heads != num_heads:
+        k_h = k_h.repeat_interleave(num_heads // kv_heads, dim=1)  # (B, H, T, d_h)
+    b, h, t, d_h = q_h.shape
+    return (q_h * (1.0 / math.sqrt(d_h))).reshape(b * h, t, d_h), k_h.reshape(b * h, t, d_h)
 
 
 def attention_score_mse(

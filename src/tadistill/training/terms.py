@@ -32,8 +32,9 @@ from tadistill.training.hooks import sampled_by
 from tadistill.errors import ConfigError
 from tadistill.objectives.chunked import chunked_cross_entropy, chunked_logit_divergence, default_chunk_size
 from tadistill.objectives.attention import (
-    attention_kl, attention_score_mse, relation_kl, suggest_relation_heads, value_relation_kl,
+    attention_score_mse, qk_attention_kl, relation_kl, suggest_relation_heads, value_relation_kl,
 )
+from tadistill.objectives.chunked_relations import default_relation_chunk_size
 from tadistill.objectives.hidden import hidden_cosine, hidden_mse
 from tadistill.objectives.layer_maps import LayerPairs, layer_map
 from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on_policy_term
@@ -268,12 +269,15 @@ class MiniLMv2Term(Term):
     def forward(self, student, teacher, batch):
         mask = batch["attention_mask"].bool()
         pick = {"qq": "query", "kk": "key", "vv": "value"}
+        heads = self.cfg.relation_heads
+        # Long sequences: query rows chunk by chunk, so no (B, A_r, T, T) relation exists whole (same value).
+        chunk = self.cfg.chunk_size or default_relation_chunk_size(mask.shape[0], heads, mask.shape[1])
         total = torch.zeros((), device=mask.device)
         for relation in self.cfg.relations:
             name = pick[relation]
             x_s = getattr(student.captured, name)[self.s_layer]  # (B, T, d_S)
             x_t = getattr(teacher.captured, name)[self.t_layer]  # (B, T, d_T)
-            total = total + relation_kl(x_s, x_t, mask, relation_heads=self.cfg.relation_heads, causal=self.causal)
+            total = total + relation_kl(x_s, x_t, mask, relation_heads=heads, causal=self.causal, chunk_size=chunk)
         return total
 
 
@@ -292,15 +296,17 @@ class MiniLMTerm(Term):
         mask = batch["attention_mask"].bool()
         s, t = student.captured, teacher.captured
         h_s, kv_s, h_t, kv_t = self.heads
-        scores_s = attention_logits(s.query[self.s_layer], s.key[self.s_layer], num_heads=h_s, num_kv_heads=kv_s)
-        scores_t = attention_logits(t.query[self.t_layer], t.key[self.t_layer], num_heads=h_t, num_kv_heads=kv_t)
-        total = attention_kl(scores_s, scores_t, mask, causal=self.causal)
+        # Long sequences: query rows chunk by chunk, so no (B, H, T, T) map exists whole (same value).
+        chunk = self.cfg.chunk_size or default_relation_chunk_size(mask.shape[0], h_s, mask.shape[1])
+        total = qk_attention_kl(s.query[self.s_layer], s.key[self.s_layer], t.query[self.t_layer],
+                                t.key[self.t_layer], mask, num_heads=h_s, student_kv_heads=kv_s,
+                                teacher_kv_heads=kv_t, causal=self.causal, chunk_size=chunk)
         if self.cfg.value_relation:
             # One value relation per attention head (h_s == h_t): under grouped-query attention the value
             # heads the two models' query heads read need not pair one to one (value_relation_kl).
             total = total + value_relation_kl(
                 s.value[self.s_layer], t.value[self.t_layer], mask, num_heads=h_s, student_kv_heads=kv_s,
-                teacher_kv_heads=kv_t, causal=self.causal,
+                teacher_kv_heads=kv_t, causal=self.causal, chunk_size=chunk,
             )
         return total
 
