@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tadistill import config as C
@@ -279,3 +281,14 @@ def test_mismatched_objectives_are_refused(tiny_gpt2, tiny_teacher, causal_args,
         from tadistill.resolve import resolve_config
 
         resolve_config("gkd", overrides=["data.prompt_tokens=null"])
+
+
+def test_a_bf16_teacher_gives_a_float32_student(tiny_llama, causal_args, tmp_path):
+    teacher = tmp_path / "bf16-teacher"
+    shutil.copytree(tiny_llama, teacher)
+    AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16).save_pretrained(teacher)
+    assert next(iter(load_file(str(teacher / "model.safetensors")).values())).dtype == torch.bfloat16
+    out = tmp_path / "kd"
+    assert main(["distill", "kd", *causal_args(teacher, "train.steps=1"), "--out", str(out), "--no-progress"]) == 0
+    # Master weights (and AdamW's states) in float32, as with any student; precision=bf16 autocasts the forward.
+    assert {v.dtype for v in load_file(str(out / "student" / "model.safetensors")).values()} == {torch.float32}

@@ -258,6 +258,10 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
     check_objectives(config, teacher_arch, tokenizer)
     set_seed(config.train.seed)
     student = build_student_from_spec(config, teacher, tokenizer, head=student_head(config, teacher_arch))
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
+        # A teacher saved in bf16 (most LLM checkpoints) gives a bf16 student; its master weights and AdamW
+        # states must be float32 (precision=bf16 autocasts the forward).
+        student.float()
     student_arch = resolve_architecture(student)
     terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in config.objectives if o.weight > 0]
     parts = LaneParts(student, student_arch, terms)

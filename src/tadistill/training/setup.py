@@ -59,6 +59,21 @@ def new_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
 
 
+def _fill_deepspeed_batch(accelerator: Accelerator, config: DistillConfig) -> None:
+    """DeepSpeed needs its micro-batch size; Accelerate reads it from a prepared dataloader, and tadistill
+    prepares none (it builds its own batches), so the "auto" values are filled from the config."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", config.train.batch_size),
+                       ("gradient_accumulation_steps", config.train.grad_accum)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = config.train.batch_size * config.train.grad_accum * accelerator.num_processes
+
+
 def load_teacher(configs: list[DistillConfig]):
     """Tokenizer, teacher and its architecture.
 
@@ -97,6 +112,7 @@ class RunSetup:
             raise ValueError("RunSetup needs at least one cell")
         configs = [c.config for c in cells]
         self.accelerator = accelerator or new_accelerator(configs[0].train.precision)
+        _fill_deepspeed_batch(self.accelerator, configs[0])
         self.began = time.perf_counter()
         self.tokenizer, self.teacher, self.teacher_arch = load_teacher(configs)
         self.teacher_parameters = count_parameters(self.teacher)
