@@ -22,6 +22,7 @@ from tadistill.cli.main import main
 from tadistill.objectives.attention import attention_kl, qk_attention_kl, relation_kl, value_relation_kl
 from tadistill.objectives.chunked_relations import (
     RELATION_CHUNK_ELEMENTS,
+    RELATION_WHOLE_LIMIT,
     chunked_row_kl,
     default_relation_chunk_size,
 )
@@ -219,11 +220,13 @@ def test_no_tensor_larger_than_a_chunk_of_rows(causal):
 
 
 def test_default_chunk_size_keeps_short_sequences_whole():
-    # BERT-base-like batch at T = 128: the whole relation (1.6 M values) fits, no chunking.
-    assert default_relation_chunk_size(8, 12, 128) is None
+    # The recipe's batch (32 x 48 relation heads at T = 128, 25 M values) and 8 x 12 heads at T = 512 stay whole.
+    assert default_relation_chunk_size(32, 48, 128) is None
+    assert default_relation_chunk_size(8, 12, 512) is None
     # T = 2,048: chunks of RELATION_CHUNK_ELEMENTS values, a small fraction of the sequence.
     rows = default_relation_chunk_size(1, 12, 2048)
     assert rows is not None and rows * 12 * 2048 <= RELATION_CHUNK_ELEMENTS and rows <= 2048 // 8
+    assert 12 * 2048 * 2048 > RELATION_WHOLE_LIMIT
     assert default_relation_chunk_size(64, 48, 4096) == 1  # never 0
 
 

@@ -138,8 +138,8 @@ class MiniLMv2(_Objective):
     relations: list[Literal["qq", "kk", "vv"]] = Field(["qq", "kk", "vv"], min_length=1)
     chunk_size: int | None = Field(
         None, ge=1, description="Query rows per chunk of the relation KL (peak memory grows as batch x relation "
-        "heads x chunk_size x length); default: the whole relation while it holds at most 2^22 values (short "
-        "sequences), else 2^22 / (batch x relation heads x length) rows."
+        "heads x chunk_size x length); default: the whole relation while it holds at most 2^25 values (short "
+        "sequences: the plain computation), else 2^22 / (batch x relation heads x length) rows."
     )
 
 
@@ -150,8 +150,8 @@ class MiniLM(_Objective):
     value_relation: bool = Field(True, description="Add L_VR, the value-value relation KL.")
     chunk_size: int | None = Field(
         None, ge=1, description="Query rows per chunk of the attention and value-relation KLs (peak memory grows "
-        "as batch x heads x chunk_size x length); default: the whole maps while they hold at most 2^22 values "
-        "(short sequences), else 2^22 / (batch x heads x length) rows."
+        "as batch x heads x chunk_size x length); default: the whole maps while they hold at most 2^25 values "
+        "(short sequences: the plain computation), else 2^22 / (batch x heads x length) rows."
     )
 
 

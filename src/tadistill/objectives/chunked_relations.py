@@ -29,22 +29,25 @@ from torch.autograd.function import once_differentiable
 
 from tadistill.objectives.divergence import check_mask
 
-# Values of one (N, c, T) chunk of relation scores by default: 16 MiB of float32 per tensor. A whole
-# relation within this size is computed the plain way (one chunk), so short sequences run as before.
+# Values of one (N, c, T) chunk of relation scores by default: 16 MiB of float32 per tensor.
 RELATION_CHUNK_ELEMENTS = 2**22
+# Relations up to this many values (128 MiB of float32 per tensor) are computed whole by default: the plain
+# computation, as before, for the sequence lengths models are usually distilled at (32 x 48 heads x 128^2 is
+# 25 M values). Beyond it the (T, T) tensors outgrow the rest of a step's activations.
+RELATION_WHOLE_LIMIT = 2**25
 _BLOCKED = torch.finfo(torch.float32).min  # finite: see attention._key_bias
 
 
 def default_relation_chunk_size(batch: int, heads: int, length: int) -> int | None:
-    """Query rows per chunk so that one chunk of scores holds about RELATION_CHUNK_ELEMENTS values; None when
-    the whole (batch x heads, length, length) relation fits in that (no chunking: the plain computation).
+    """None (the whole relation at once) while the (batch x heads, length, length) relation holds at most
+    RELATION_WHOLE_LIMIT values; else query rows per chunk such that a chunk holds RELATION_CHUNK_ELEMENTS.
 
-    A threshold in values rather than a fixed length: 8 x 12 heads at T = 128 is 1.6 M values (plain, as
-    fast as ever); 1 x 12 heads at T = 2,048 is 50 M values, cut into chunks of 170 rows (peak memory
-    about 1/8 of the plain one, benchmarks/relation_memory.py).
+    A limit in values rather than a fixed length: the recipe's 32 sequences x 48 relation heads at T = 128
+    (25 M values) and 8 x 12 heads at T = 512 stay whole; 1 x 12 heads at T = 2,048 (50 M values) is cut
+    into chunks of 170 rows (benchmarks/relation_memory.py measures the peak).
     """
     per_row = batch * heads * length
-    if per_row * length <= RELATION_CHUNK_ELEMENTS:
+    if per_row * length <= RELATION_WHOLE_LIMIT:
         return None
     return max(1, RELATION_CHUNK_ELEMENTS // per_row)
 
