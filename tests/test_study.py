@@ -62,7 +62,8 @@ def test_study_end_to_end_with_report(tmp_path, tiny_teacher, tiny_corpus, task_
         assert cell in table
     assert "teacher" in table and "failed" not in table
     rows = list(csv.DictReader((report / "results.csv").open()))
-    assert {r["model"] for r in rows} == {"teacher", "hs_2x32", "hs_1x16x4", "mlv2_2x32", "mlv2_1x16x4"}
+    assert {r["model"] for r in rows} == {"teacher", "hs_2x32", "hs_1x16x4", "mlv2_2x32", "mlv2_1x16x4",
+                                          "init_2x32", "init_1x16x4"}  # each shape before training
     student = next(r for r in rows if r["model"] == "hs_2x32")
     assert float(student["params"]) < float(next(r for r in rows if r["model"] == "teacher")["params"])
     assert 0.0 <= float(student["fidelity/final_cka"]) <= 1.0 + 1e-6

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from tadistill.errors import TadistillError
 
 DEMO_RECIPE = "minilmv2"
-EXAMPLES = {"encoder": "example.yaml", "causal": "example_causal.yaml"}  # compare --example NAME
+EXAMPLES = {"encoder": "example.yaml", "causal": "example_causal.yaml", "paper": "paper.yaml"}  # --example NAME
 # The demo: the built-in teacher (6x384) into a 3-layer student, sized to finish in minutes on 2 CPU
 # cores. The student starts from every other teacher block so that a short run already shows a
 # faithful student; the recipe's own default is a random start.
@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train and evaluate a study: methods x student shapes, one table")
     p.add_argument("study", nargs="?", help="study YAML (see docs); or --example")
     p.add_argument("--example", nargs="?", const="encoder", choices=sorted(EXAMPLES),
-                   help="run a built-in example study: 'encoder' (default; the built-in MiniLM teacher) or "
-                   "'causal' (tadistill's own small GPT-2 teacher, trained first when not cached)")
+                   help="run a built-in example study: 'encoder' (default; the built-in MiniLM teacher), "
+                   "'causal' (tadistill's own small GPT-2 teacher, trained first when not cached) or 'paper' "
+                   "(OD, HS and MHA from one teacher body, the comparative study of Udagawa et al. 2023)")
+    p.add_argument("--quick", action="store_true", help="the study's quick: version, a smaller first look")
     p.add_argument("--out", help="study folder (default: runs/<study name>-<time>)")
     p.add_argument("--resume", action="store_true", help="skip finished cells, continue an interrupted pass")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out")
@@ -110,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = teacher_sub.add_parser("train", help="train the small GPT-2 teacher on the built-in corpus (cached)")
     t.add_argument("--out", help="folder for the teacher (default: the cache that 'builtin-gpt2' refers to)")
     t.add_argument("--overwrite", action="store_true", help="retrain even when the teacher exists")
+    t.add_argument("--no-progress", action="store_true")
+    t = teacher_sub.add_parser("mlm-head", help="fit the built-in teacher's masked-LM head (builtin-mlm, cached)")
+    t.add_argument("--overwrite", action="store_true", help="fit it again even when it exists")
     t.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -174,6 +179,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from tadistill.teachers.causal import ensure_builtin_teacher
 
     ensure_builtin_teacher(args.model.partition("@")[0])  # builtin-gpt2 is trained on first use
+    _ensure_builtin_mlm(args.model.partition("@")[0])
     print_inspect(args.model, seq_len=args.seq_len)
     return 0
 
@@ -196,6 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.max_length < 8:
         raise ConfigError(f"--max-length {args.max_length} is too short: use at least 8 tokens (default 128)")
     ensure_builtin_teacher(args.teacher, args.student)  # builtin-gpt2 is trained on first use
+    _ensure_builtin_mlm(args.teacher, args.student)
     load_model_config(args.student, what="student")  # a wrong student path fails now, not after the teacher's turn
     spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency,
                           zero_shot_tasks=args.zero_shot)
@@ -219,9 +226,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("give a study YAML or --example (not both)")
     path = Path(str(resources.files("tadistill") / "study" / EXAMPLES[args.example])) if args.example else Path(args.study)
     study = load_study(path)
+    if args.quick:
+        try:
+            study = study.quick_version()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     from tadistill.teachers.causal import ensure_builtin_teacher
 
     ensure_builtin_teacher(study.teacher, progress=not args.no_progress)  # builtin-gpt2: trained on first use
+    _ensure_builtin_mlm(study.teacher, progress=not args.no_progress)
     out = args.out or _default_out(study.name)
     report = compare(study, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     from accelerate import PartialState
@@ -258,10 +271,39 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_builtin_mlm(*names: str, progress: bool = True) -> None:
+    """builtin-mlm: the built-in teacher's masked-LM head is fitted on first use (teachers/mlm_head.py)."""
+    from tadistill.teachers.mlm_head import ensure_builtin_mlm_teacher
+
+    ensure_builtin_mlm_teacher(*names, progress=progress)
+
+
+def cmd_mlm_head(args: argparse.Namespace) -> int:
+    import json
+
+    from tadistill.teachers.mlm_head import cached_mlm_teacher, default_mlm_teacher_dir, fit_mlm_head
+    from tadistill.teachers.spec import TEACHER_FILE
+
+    out = default_mlm_teacher_dir()
+    if args.overwrite:
+        fit_mlm_head("builtin", out, progress=not args.no_progress, overwrite=True)
+    elif (out / TEACHER_FILE).is_file():
+        print(f"head already fitted: {out} (pass --overwrite to fit it again)")
+    cached_mlm_teacher(progress=not args.no_progress)
+    info = _read_teacher_info(out / TEACHER_FILE)
+    summary = {k: info[k] for k in ("initial_heldout_mlm_perplexity", "heldout_mlm_perplexity", "tokens_seen",
+                                    "fit_seconds") if k in info}
+    print(f"teacher: {out}  {json.dumps(summary)}")
+    print("use it with --set teacher=builtin-mlm (recipes od, distilbert)")
+    return 0
+
+
 def cmd_teacher(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    if args.teacher_command == "mlm-head":
+        return cmd_mlm_head(args)
     from tadistill.teachers.causal import TEACHER_FILE, default_teacher_dir, train_causal_teacher
 
     # The training is an ordinary distill run (recipe pretrain, the lm objective on a random GPT-2), published here.

@@ -94,6 +94,26 @@ class EvaluationSpec(_Strict):
     )
 
 
+class NoiseSpec(_Strict):
+    """Training noise: some cells trained again with other training seeds (house style rule 15).
+
+    A replicate is the cell's config with ``train.seed`` set to each seed here; it is trained in a pass of
+    its own (the seed also draws the data order and the held-out split, which the cells of one pass
+    share) and named ``<cell>@seed<N>``. The report states the spread of each metric over the seeds and
+    marks which differences exceed it.
+    """
+
+    cells: list[str] = Field(min_length=1, description="Cells to replicate, as <method>_<shape> (e.g. mha-last_3x384).")
+    seeds: list[int] = Field(min_length=1, description="Extra training seeds; each differs from the study's train.seed.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or any(not 0 <= s < 2**32 for s in value):
+            raise ValueError(f"noise.seeds must be distinct seeds in [0, 2**32), got {value}")
+        return value
+
+
 class StudyConfig(_Strict):
     name: str = "study"
     teacher: str = "builtin"
@@ -107,6 +127,10 @@ class StudyConfig(_Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     students: list[StudentShape] = Field(min_length=1)
     evaluation: EvaluationSpec = EvaluationSpec()
+    noise: NoiseSpec | None = Field(None, description="Cells trained again with other seeds: the training noise.")
+    quick: dict[str, Any] | None = Field(
+        None, description="A partial study merged over this one by `compare --quick` (a smaller first look)."
+    )
 
     _name = field_validator("name")(_safe_name)
 
@@ -129,4 +153,30 @@ class StudyConfig(_Strict):
         names = [m.name for m in self.methods]
         if len(names) != len(set(names)):
             raise ValueError(f"method names must be unique, got {names}")
+        if self.noise is not None:
+            cells = [f"{m.name}_{s.name}" for m in self.methods for s in self.students]
+            unknown = [c for c in self.noise.cells if c not in cells]
+            if unknown:
+                raise ValueError(f"noise.cells names {unknown[0]!r}, which is no cell of the study: use one of "
+                                 f"{', '.join(cells)}")
+            seed = self.train.get("seed", 0)
+            if seed in self.noise.seeds:
+                raise ValueError(f"noise.seeds holds {seed}, the study's own train.seed: give other seeds")
         return self
+
+    def quick_version(self) -> StudyConfig:
+        """The study with its ``quick:`` section merged over it (one level deep: ``quick.train.steps`` replaces
+        only that key), named ``<name>-quick``; ``--quick`` on a study without one is refused."""
+        if not self.quick:
+            raise ValueError(f"study {self.name!r} has no quick: section to run with --quick")
+        data = self.model_dump(mode="json")
+        for key, value in self.quick.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        data["quick"] = None
+        data.setdefault("name", self.name)
+        if "name" not in self.quick:
+            data["name"] = f"{self.name}-quick"
+        return StudyConfig.model_validate(data)
