@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
@@ -111,6 +112,23 @@ class Stopwatch:
             self.elsewhere = max(0.0, others) / self.wall
 
 
+@contextmanager
+def torch_threads(count: int | None):
+    """Run the block with ``count`` intra-op threads (None: leave torch's setting), restored afterwards.
+
+    On a 2-core machine that other jobs keep busy, two threads make every parallel op wait for the
+    thread the scheduler parked: a 24 x 256 BERT forward measured 1.5 s with one thread and 6-9 s with two
+    (load average 8). One thread per arm times the arithmetic, not the waits.
+    """
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cores_text(value: float | None) -> str:
     """A Stopwatch.elsewhere reading for a table cell."""
     return "?" if value is None else f"{value:.1f}"
@@ -157,23 +175,32 @@ def single_lane_trainer(config, out):
     lane and tokenizes the corpus exactly as a run does (api._run); the Trainer is then built with the
     arguments ``RunSetup.train`` gives it, but returned instead of run, so that a benchmark can wrap its
     steps first. The run directory ``out`` is created.
+
+    As in ``RunSetup.train``, the teacher is cut to the deepest block an objective reads
+    (``blocks_read_only``): here for the trainer's whole life (``trainer.restore_teacher()`` puts the cut
+    blocks back), since a benchmark only trains.
     """
+    from contextlib import ExitStack
+
     import yaml
 
     from tadistill.training.loop import TokenizerInfo, Trainer
     from tadistill.training.rundir import RunDir
-    from tadistill.training.setup import Cell, RunSetup
+    from tadistill.training.setup import Cell, RunSetup, blocks_read_only
 
     run = RunDir(out)
     setup = RunSetup([Cell("student", config, run)])
     run.prepare(config, resume=False, overwrite=False)
     lane = setup.lanes[0]
+    cut = ExitStack()
+    teacher_arch = cut.enter_context(blocks_read_only(setup.teacher, setup.teacher_arch, setup.lanes))
     trainer = Trainer(
-        [lane], setup.accelerator, teacher=setup.teacher, teacher_arch=setup.teacher_arch, train=setup.splits.train,
+        [lane], setup.accelerator, teacher=setup.teacher, teacher_arch=teacher_arch, train=setup.splits.train,
         heldout=setup.splits.heldout, tokenizer=TokenizerInfo.of(setup.tokenizer), checkpoints=run.checkpoints,
         state_yaml=yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), progress=False,
         signals=setup.signals,
     )
+    trainer.restore_teacher = cut.close
     return trainer, lane
 
 

@@ -189,8 +189,9 @@ class MinimalLoop:
 # --------------------------------------------------------------------------------------- tadistill
 
 
-def build_tadistill(objective: str, opts: argparse.Namespace, out: str):
-    """The config, Trainer and lane that ``tadistill.distill`` would build for this run (same calls as api._run)."""
+def build_tadistill(objective: str, opts: argparse.Namespace, out: str, extra: tuple[str, ...] = ()):
+    """The config, Trainer and lane that ``tadistill.distill`` would build for this run (same calls as api._run);
+    ``extra``: more ``--set`` overrides (peers_textbrewer's run from stored teacher signals)."""
     from tadistill import resolve_config
 
     overrides = [
@@ -202,7 +203,7 @@ def build_tadistill(objective: str, opts: argparse.Namespace, out: str):
         overrides.append("objectives.hidden.mapping=uniform")
     else:
         overrides.append(f"objectives.minilmv2.relation_heads={RELATION_HEADS}")
-    config = resolve_config(objective, overrides=overrides)
+    config = resolve_config(objective, overrides=[*overrides, *extra])
     trainer, lane = single_lane_trainer(config, out)
     return config, trainer, lane
 

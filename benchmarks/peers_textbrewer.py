@@ -149,10 +149,16 @@ class Feed:
 
 
 class TextBrewerRun:
-    """TextBrewer's GeneralDistiller set up to do tadistill's math (see the module docstring)."""
+    """TextBrewer's GeneralDistiller set up to do tadistill's math (see the module docstring).
+
+    By default the hidden-state MSE of this module; other benchmarks pass their own ``matches`` (TextBrewer's
+    ``intermediate_matches``), adaptors of teacher and student, and ``forward_args`` (what TextBrewer passes to
+    both models' forward; by default ``output_hidden_states=True``).
+    """
 
     def __init__(self, teacher, student, batches: list[dict[str, Tensor]], train_cfg, *, steps: int,
-                 device: torch.device, precision: str, out_dir: str, before):
+                 device: torch.device, precision: str, out_dir: str, before, matches: list[dict] | None = None,
+                 adaptors=None, forward_args: dict | None = None):
         import textbrewer
         from transformers import get_linear_schedule_with_warmup
 
@@ -167,17 +173,21 @@ class TextBrewerRun:
         self.teacher, self.student = teacher.to(device), student.to(device)  # TextBrewer does not move models
         self.pairs = uniform_pairs(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         tc = train_cfg
-        distill_config = textbrewer.DistillationConfig(
-            kd_loss_weight=0.0, hard_label_weight=0.0,
-            intermediate_matches=[{"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1}
-                                  for s, t in self.pairs])
+        if matches is None:
+            matches = [{"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1}
+                       for s, t in self.pairs]
+        distill_config = textbrewer.DistillationConfig(kd_loss_weight=0.0, hard_label_weight=0.0,
+                                                       intermediate_matches=matches)
         # No tensorboard (log_dir None); the only checkpoint is written after the last step (ckpt_steps = steps).
         train_config = textbrewer.TrainingConfig(device=device, output_dir=out_dir, log_dir=None, ckpt_steps=steps)
 
         def adaptor(batch, outputs):
             return {"hidden": outputs.hidden_states, "inputs_mask": batch["attention_mask"]}
 
-        self.distiller = RecordingDistiller(train_config, distill_config, self.teacher, self.student, adaptor, adaptor)
+        adaptor_t, adaptor_s = adaptors or (adaptor, adaptor)
+        self.forward_args = {"output_hidden_states": True} if forward_args is None else forward_args
+        self.distiller = RecordingDistiller(train_config, distill_config, self.teacher, self.student, adaptor_t,
+                                           adaptor_s)
         self.distiller.losses = []
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -215,7 +225,7 @@ class TextBrewerRun:
         with self._cast(), self.distiller:  # the distiller as a context: teacher in eval mode, student in train mode
             self.distiller.train(self.optimizer, self.feed, num_steps=self.steps, scheduler_class=self.scheduler_class,
                                  scheduler_args=self.schedule_args, max_grad_norm=self.max_grad_norm,
-                                 output_hidden_states=True)
+                                 **self.forward_args)
 
 
 class Lockstep:
@@ -307,14 +317,15 @@ def student_copy(student):
     return copy
 
 
-def measure_speed(opts: argparse.Namespace, state_dir: Path) -> Timing:
-    """Both libraries' steps, alternating in this process; saves TextBrewer's inputs for the memory run."""
+def measure_speed(opts: argparse.Namespace, state_dir: Path | None, extra: tuple[str, ...] = ()) -> Timing:
+    """Both libraries' steps, alternating in this process; saves TextBrewer's inputs for the memory run to
+    ``state_dir`` (None: not saved). ``extra``: more overrides of tadistill's config (its cached arm)."""
     from tadistill.loading import load_pretrained
 
     steps = opts.warmup + opts.steps + 1
     timing = Timing()
     with tempfile.TemporaryDirectory(prefix="tadistill-bench-") as out, on_device(pick_device(opts.device)):
-        config, trainer, lane = build_tadistill("hs", tadistill_opts(opts, steps), out)
+        config, trainer, lane = build_tadistill("hs", tadistill_opts(opts, steps), out, extra)
         device = trainer.acc.device
         timing.device = str(device)
         pairs = uniform_pairs(lane.student_arch.num_layers, trainer.teacher_arch.num_layers)
@@ -323,10 +334,11 @@ def measure_speed(opts: argparse.Namespace, state_dir: Path) -> Timing:
         timing.tokens = [int(b["attention_mask"].sum()) for b in batches]
         timing.positions = batches[0]["input_ids"].numel()
         student = student_copy(lane.student)
-        # TextBrewer's inputs for its memory run in a fresh process: the student's config and initial weights.
-        student.config.save_pretrained(state_dir)
-        torch.save({"weights": student.state_dict(), "batches": batches, "rng": _copy_rng(lane.rng)},
-                   state_dir / "inputs.pt")
+        if state_dir is not None:
+            # TextBrewer's inputs for its memory run in a fresh process: the student's config and initial weights.
+            student.config.save_pretrained(state_dir)
+            torch.save({"weights": student.state_dict(), "batches": batches, "rng": _copy_rng(lane.rng)},
+                       state_dir / "inputs.pt")
         tb_out = Path(out) / "textbrewer"
         lockstep = Lockstep(lambda before: TextBrewerRun(
             load_pretrained("builtin"), student, batches, config.train, steps=steps, device=device,
@@ -351,12 +363,40 @@ def measure_speed(opts: argparse.Namespace, state_dir: Path) -> Timing:
             timing.elsewhere = sw.elsewhere
         finally:
             lockstep.stop()
+            trainer.restore_teacher()
         lockstep._check()
         timing.textbrewer = lockstep.times
         timing.textbrewer_loss = lockstep.run.losses
+        timing.train_sequences = len(trainer.train_set)
     finish_times(timing)
     return timing
 
+
+def measure_cached(opts: argparse.Namespace) -> tuple[Timing, dict]:
+    """tadistill trained from ``cache-teacher`` files against TextBrewer with its live teacher, alternating.
+
+    The corpus is cut to its first ``--cached-texts`` texts so that the one-off caching (one teacher forward
+    per sequence, train and held-out, as ``tadistill cache-teacher`` runs it: ``tadistill.cache_teacher``) takes
+    seconds; both arms then train on that corpus. Returns the timing and the caching's cost.
+    """
+    from tadistill import resolve_config
+    from tadistill.api import cache_teacher
+
+    steps = opts.warmup + opts.steps + 1
+    corpus = (f"data.max_texts={opts.cached_texts}",)
+    with tempfile.TemporaryDirectory(prefix="tadistill-bench-signals-") as tmp:
+        signals = Path(tmp) / "signals"
+        base = tadistill_opts(opts, steps)
+        config = resolve_config("hs", overrides=[
+            "student.num_layers=3", f"train.steps={steps}", f"train.batch_size={base.batch_size}",
+            f"data.max_length={base.seq_len}", f"train.precision='{base.precision}'", "objectives.hidden.mapping=uniform",
+            *corpus])
+        with Stopwatch() as sw, on_device(pick_device(opts.device)):
+            info = cache_teacher(config, out=signals, progress=False)
+        caching = {"wall_s": sw.wall, "cpu_s": sw.cpu, "elsewhere_cores": sw.elsewhere,
+                   "sequences": info["sequences"], "bytes_per_token": info["bytes_per_token"], "dtype": info["dtype"]}
+        timing = measure_speed(opts, None, extra=(*corpus, f"teacher_signals={signals}"))
+    return timing, caching
 
 # -------------------------------------------------------------------------------------------- memory
 
@@ -543,6 +583,55 @@ def figures(timing: Timing, memory: dict[str, dict], opts: argparse.Namespace) -
     return out
 
 
+def cached_figures(timing: Timing, caching: dict, live: Timing, opts: argparse.Namespace) -> list[Figure]:
+    """Step time from stored signals / TextBrewer's live step; time including the caching, and its break-even."""
+    w = opts.warmup
+    cached, tb = median(timing.tadistill[w:-1]), median(timing.textbrewer[w:])
+    live_td = median(live.tadistill[w:-1]) if live.tadistill else float("nan")
+    n = min(len(timing.tadistill_loss), len(timing.textbrewer_loss))
+    # The signals are stored in float16 (cache-teacher's default): the losses agree to float16's precision only.
+    first_gap = abs(timing.tadistill_loss[0] - timing.textbrewer_loss[0]) / max(abs(timing.textbrewer_loss[0]), 1e-12)
+    agree = first_gap <= 1e-2 and n == opts.warmup + opts.steps + 1
+    per_epoch = -(-timing.train_sequences // opts.batch_size)  # optimizer steps of one epoch
+    cost = caching["wall_s"]
+    saved = tb - cached  # per step, against TextBrewer's live teacher
+    epochs = cost / (per_epoch * saved) if saved > 0 else float("inf")
+    epoch_ratio = (cost + per_epoch * cached) / (per_epoch * tb)
+    label = (f"hidden-state MSE (uniform, 3x384 from 6x384), {opts.batch_size}x{opts.seq_len}, first "
+             f"{opts.cached_texts} texts of the built-in corpus ({timing.train_sequences} training sequences, "
+             f"{per_epoch} steps an epoch)")
+    common = (f"caching {cost:.1f} s wall ({caching['sequences']} sequences, {caching['bytes_per_token']:.0f} bytes "
+              f"a token in {caching['dtype']}; other processes busy on {cores_text(caching['elsewhere_cores'])} cores)")
+    extra = {"caching": caching, "cached_step_s": cached, "textbrewer_step_s": tb, "live_tadistill_step_s": live_td,
+             "steps_per_epoch": per_epoch, "break_even_epochs": epochs, "tadistill_s": timing.tadistill,
+             "textbrewer_s": timing.textbrewer, "tadistill_loss": timing.tadistill_loss,
+             "textbrewer_loss": timing.textbrewer_loss, "loss_rel_diff_first": first_gap, "losses_agree": agree,
+             "elsewhere_cores": timing.elsewhere, "cached_texts": opts.cached_texts}
+    pays = (f"caching pays after {epochs:.2f} epochs ({epochs * per_epoch:.0f} steps of this batch), in one run or "
+            "summed over the runs that reuse the files" if saved > 0 else "caching never pays here")
+    return [
+        Figure(
+            benchmark=NAME, what=f"step time, tadistill from cache-teacher files / TextBrewer with its live teacher: "
+                                 f"{label}",
+            ratio=cached / tb, target=TARGET_TIME, target_text=f"<= 1/{SPEEDUP} ({TARGET_TIME:.3f})",
+            details=(f"median step {cached * 1e3:.0f} vs {tb * 1e3:.0f} ms ({tb / cached:.2f}x the tokens/s) over "
+                     f"{len(timing.tadistill[w:-1])} steps after {w} warm-up, alternating in one process; tadistill "
+                     f"with its live teacher: {live_td * 1e3:.0f} ms (the first speed run); losses "
+                     f"{'agree' if agree else 'DISAGREE'} at step 1 to {first_gap:.1e} (float16 signals); other "
+                     f"processes busy on {cores_text(timing.elsewhere)} cores"),
+            extra=extra,
+        ),
+        Figure(
+            benchmark=NAME, what=f"time of one epoch including the one-off caching, tadistill from cache-teacher "
+                                 f"files / TextBrewer with its live teacher: {label}",
+            ratio=epoch_ratio, target=1.0, target_text="<= 1 (caching pays within one epoch)",
+            details=f"{cost:.1f} s + {per_epoch} x {cached * 1e3:.0f} ms vs {per_epoch} x {tb * 1e3:.0f} ms; {common}; "
+                    f"{pays}",
+            extra=extra,
+        ),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -556,6 +645,9 @@ def parse(argv: list[str] | None = None, *, quick: bool = False) -> argparse.Nam
     p.add_argument("--memory-steps", type=int, default=3,
                    help="steps of each memory run; the peak covers all but the last (default 3)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    p.add_argument("--no-cached", action="store_true", help="skip the run from stored teacher signals")
+    p.add_argument("--cached-texts", type=int, default=1000,
+                   help="texts of the built-in corpus the cached comparison caches and trains on (default 1000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--precision", choices=("no", "bf16"), default="no",
                    help="no (float32, default: TextBrewer's mixed precision needs apex) or bf16 (autocast)")
@@ -577,7 +669,10 @@ def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
         state_dir = Path(tmp)
         timing = measure_speed(opts, state_dir)
         memory = {} if opts.no_memory else measure_memory(opts, state_dir)
-    return figures(timing, memory, opts)
+    out = figures(timing, memory, opts)
+    if not opts.no_cached:
+        out += cached_figures(*measure_cached(opts), timing, opts)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
