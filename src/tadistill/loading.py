@@ -181,7 +181,8 @@ def load_pretrained(
         if missing:
             raise ModelError(
                 f"{what} {name!r} has no masked-LM head ({len(missing)} head weights missing, e.g. {missing[0]}): "
-                "output-distribution terms (od, distilbert) need a teacher with one, e.g. bert-base-uncased; "
+                "output-distribution terms (od, distilbert) need a teacher with one, e.g. bert-base-uncased or "
+                "builtin-mlm (the built-in teacher with a fitted head); "
                 "or choose a recipe without them (hs, minilm, minilmv2, direct-minilm, tinybert-general)"
             )
     return model

@@ -47,11 +47,11 @@ class HeadSpec:
         seed: seeds the head's initialisation, the batch order and the masking.
     """
 
-    steps: int = 240
+    steps: int = 160
     batch_size: int = 32
     max_length: int = 128
-    lr: float = 3e-3
-    warmup: int = 20
+    lr: float = 1e-2
+    warmup: int = 10
     weight_decay: float = 0.01
     mlm_probability: float = 0.15
     heldout_fraction: float = 0.02
