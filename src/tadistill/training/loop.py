@@ -10,8 +10,8 @@ once per batch for all of them. One optimizer step:
    BERT-masked text when a lane needs it); then, per lane and inside its own random stream, student
    forward, each term's summed loss divided by its global count ("sum, then normalize once"), backward
    (gradient sync only on the last micro-batch);
-4. per lane: stop on a NaN / inf loss before the weights are touched; drop the gradients of the parameters
-   a method holds this step (``held_parameters``); clip, step, schedule;
+4. per lane, right after its last backward: stop on a NaN / inf loss before the weights are touched; drop
+   the gradients of the parameters a method holds this step (``held_parameters``); clip, step, schedule;
 5. log (with the methods' ``log_values``), evaluate on held-out text (``after_evaluation``), checkpoint
    atomically (the lanes' and methods' ``state_dict``).
 
@@ -386,9 +386,11 @@ class Trainer:
         denominators = {lane.name: counts[i][lane.normalizers].clamp_min(1) for i, lane in enumerate(lanes)}
         scales = {lane.name: lane.weights.to(acc.device) * self.world / denominators[lane.name] for lane in lanes}
         sums = {lane.name: torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device) for lane in lanes}
+        rows, failed = {}, []
         # Micro-batch outer, lanes inner: the teacher's signals of one micro-batch are alive at a time, and
         # dataset batches share one teacher forward.
         for i in range(len(micros)):
+            last = i == len(micros) - 1
             teachers: dict[str, ModelOutputs] = {}  # shared dataset variant -> the teacher's outputs
             for lane in lanes:
                 key, batch = plans[lane.name][i]
@@ -400,17 +402,21 @@ class Trainer:
                     teacher = self._teacher_outputs(batch, t_cap, key == "masked", ("train", micros[i].indices))
                     if key is not None:  # dataset batches are shared; a lane's own continuations are not
                         teachers[key] = teacher
-                sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name],
-                                                       sync=i == len(micros) - 1)
+                sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name], sync=last)
                 del teacher
+                if last:
+                    # Each lane steps right after its last backward, not after every lane's: its gradients and
+                    # AdamW moments are then still in cache, and only one lane's gradients exist at a time. In a
+                    # 4-student study the optimizer steps ran after the other lanes' passes had evicted them
+                    # (profiled: AdamW's sqrt / lerp_ / addcdiv_ / zero_grad took longer than in 4 solo steps),
+                    # about 150 ms of a 1,083 ms study step (benchmarks/shared_teacher.py). Same values: an
+                    # update reads only its lane's state, and the teacher's outputs do not depend on any student.
+                    row = self._lane_update(lane, step, sums[lane.name], denominators[lane.name])
+                    if row is None:
+                        failed.append(lane)
+                    else:
+                        rows[lane.name] = row
             del teachers
-        rows, failed = {}, []
-        for lane in lanes:
-            row = self._lane_update(lane, step, sums[lane.name], denominators[lane.name])
-            if row is None:
-                failed.append(lane)
-            else:
-                rows[lane.name] = row
         return rows, float(counts[-1][0]), failed
 
     def run(self) -> LoopResult:
