@@ -87,10 +87,25 @@ def retrieval_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str
                      batch_size: int = 64) -> dict[str, tuple[float, float]]:
     """Score ``model`` on ``pairs`` ``(query, document)``: ``{metric: (mean, std over seeds)}``.
 
-    Every text the seeds draw is embedded once, on the model's device. Sample std (ddof = 1), 0.0 for
-    one seed. The tokenizer must pad (GPT-2's: set ``pad_token`` first).
+    Sample std (ddof = 1), 0.0 for one seed; see :func:`retrieval_runs`.
     """
-    from tadistill.evaluation.fidelity import sentence_embeddings
+    runs = retrieval_runs(model, tokenizer, pairs, seeds=seeds, max_length=max_length, batch_size=batch_size)
+    out = {}
+    for metric in METRICS:
+        values = [run[metric] for run in runs]
+        out[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def retrieval_runs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *,
+                   seeds: Sequence[int] = (0, 1, 2), max_length: int = 128,
+                   batch_size: int = 64) -> list[dict[str, float]]:
+    """``{metric: value}`` of each seed's draw, in seed order (for paired differences of two models).
+
+    Every text the seeds draw is embedded once, on the model's device. The tokenizer must pad
+    (GPT-2's: set ``pad_token`` first).
+    """
+    from tadistill.measure.embeddings import sentence_embeddings
 
     seeds = tuple(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
@@ -107,11 +122,7 @@ def retrieval_scores(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str
     for picked, n_queries in draws:
         rows = torch.tensor([where[i] for i in picked], device=q_emb.device)
         runs.append(ranking_metrics(ranks(q_emb[rows[:n_queries]], d_emb[rows])))
-    out = {}
-    for metric in METRICS:
-        values = [run[metric] for run in runs]
-        out[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    return out
+    return runs
 
 
 def load_retrieval_pairs(task: str) -> list[tuple[str, str]]:
