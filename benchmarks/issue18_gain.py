@@ -26,21 +26,49 @@ from pathlib import Path
 import torch
 
 EVAL_SEEDS = (0, 1, 2)
-TASKS = ("stdlib-retrieval", "stdlib-topic")
 
 
-def scores(model_dir: str, *, max_length: int = 128) -> dict[str, float]:
-    """Flat ``<task>/<metric>`` and ``<task>/<metric>_std`` of both built-in tasks."""
+def retrieval_runs(model_dir: str, *, max_length: int = 128) -> list[dict[str, float]]:
+    """stdlib-retrieval per evaluation seed (the same draws for every model: differences are paired)."""
+    from tadistill.data.builtin_tasks import stdlib_retrieval_pairs
+    from tadistill.evaluation.retrieval import retrieval_runs as runs
+    from tadistill.loading import load_pretrained, load_tokenizer
+
+    model = load_pretrained(model_dir, head="base", what="model")
+    return runs(model, load_tokenizer(model_dir), stdlib_retrieval_pairs(), seeds=EVAL_SEEDS, max_length=max_length)
+
+
+def scores(model_dir: str, *, max_length: int = 128) -> dict:
+    """Flat ``<task>/<metric>`` and ``<task>/<metric>_std`` of both built-in tasks, plus the retrieval
+    scores per evaluation seed (``stdlib-retrieval/runs``)."""
+    import statistics
+
     from tadistill.evaluation.downstream import evaluate_task
 
-    row: dict[str, float] = {}
-    for task in TASKS:
-        result = evaluate_task(model_dir, task, mode="probe", seeds=EVAL_SEEDS, max_train=2000, max_eval=1000,
-                               max_length=max_length)
-        for metric, stats in result["metrics"].items():
-            row[f"{task}/{metric}"] = round(stats["mean"], 4)
-            row[f"{task}/{metric}_std"] = round(stats["std"], 4)
+    runs = retrieval_runs(model_dir, max_length=max_length)
+    row: dict = {}
+    for metric in ("acc@1", "mrr"):
+        values = [r[metric] for r in runs]
+        row[f"stdlib-retrieval/{metric}"] = round(statistics.fmean(values), 4)
+        row[f"stdlib-retrieval/{metric}_std"] = round(statistics.stdev(values), 4)
+    row["stdlib-retrieval/runs"] = runs
+    result = evaluate_task(model_dir, "stdlib-topic", mode="probe", seeds=EVAL_SEEDS, max_train=2000, max_eval=1000,
+                           max_length=max_length)
+    for metric, stats in result["metrics"].items():
+        row[f"stdlib-topic/{metric}"] = round(stats["mean"], 4)
+        row[f"stdlib-topic/{metric}_std"] = round(stats["std"], 4)
     return row
+
+
+def paired(init: dict, final: dict, metric: str) -> str:
+    """final - init per evaluation seed: mean ± sample std (the same draws for both models)."""
+    import statistics
+
+    a, b = init.get("stdlib-retrieval/runs"), final.get("stdlib-retrieval/runs")
+    if not a or not b:
+        return ""
+    diffs = [y[metric] - x[metric] for x, y in zip(a, b)]
+    return f"{statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f}"
 
 
 def save_initial_student(config, folder: Path) -> None:
@@ -87,19 +115,46 @@ def run_cell(name: str, overrides: list[str], out: Path) -> dict:
 
 def table(out: Path) -> str:
     teacher = json.loads((out / "teacher.json").read_text())
-    head = ["cell", "train s", "retrieval acc@1 init -> final", "MRR init -> final", "topic acc init -> final"]
+    head = ["cell", "train s", "retrieval acc@1 init -> final", "paired diff", "MRR init -> final", "paired diff",
+            "topic acc init -> final"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keys = ("stdlib-retrieval/acc@1", "stdlib-retrieval/mrr", "stdlib-topic/accuracy")
 
-    def cell(row: dict | None, key: str) -> str:
-        return "" if row is None else f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
 
-    lines.append("| teacher | | " + " | ".join(cell(teacher, k) for k in keys) + " |")
+    r, m, t = "stdlib-retrieval/acc@1", "stdlib-retrieval/mrr", "stdlib-topic/accuracy"
+    lines.append(f"| teacher | | {cell(teacher, r)} | | {cell(teacher, m)} | | {cell(teacher, t)} |")
     for line in (out / "results.jsonl").read_text().splitlines():
         row = json.loads(line)
-        parts = [f"{row['init'][k]:.4f} -> {row['final'][k]:.4f} (±{row['final'][k + '_std']:.4f})" for k in keys]
-        lines.append(f"| {row['name']} | {row['train_seconds']:.0f} | " + " | ".join(parts) + " |")
+        init, final = row["init"], row["final"]
+
+        def change(key: str) -> str:
+            return f"{init[key]:.4f} -> {final[key]:.4f} (±{final[key + '_std']:.4f})"
+
+        lines.append(f"| {row['name']} | {row['train_seconds']:.0f} | {change(r)} | {paired(init, final, 'acc@1')} | "
+                     f"{change(m)} | {paired(init, final, 'mrr')} | {change(t)} |")
     return "\n".join(lines)
+
+
+def backfill(out: Path) -> None:
+    """Add per-seed retrieval scores to results and initial students written before they were kept."""
+    for init_file in sorted((out / "init").glob("*/scores.json")):
+        row = json.loads(init_file.read_text())
+        if "stdlib-retrieval/runs" not in row:
+            row["stdlib-retrieval/runs"] = retrieval_runs(str(init_file.parent))
+            init_file.write_text(json.dumps(row, indent=1))
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for row in rows:
+        cell = out / "cells" / row["name"] / "student"
+        if "stdlib-retrieval/runs" not in row["final"]:
+            row["final"]["stdlib-retrieval/runs"] = retrieval_runs(str(cell))
+        init_dirs = [f.parent for f in (out / "init").glob("*/scores.json")
+                     if json.loads(f.read_text())["stdlib-topic/accuracy"] == row["init"]["stdlib-topic/accuracy"]
+                     and json.loads(f.read_text())["stdlib-retrieval/mrr"] == row["init"]["stdlib-retrieval/mrr"]]
+        if "stdlib-retrieval/runs" not in row["init"] and init_dirs:
+            row["init"] = json.loads((init_dirs[0] / "scores.json").read_text())
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main() -> None:
@@ -109,11 +164,15 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl and exit")
+    parser.add_argument("--backfill", action="store_true", help="add per-seed retrieval scores missing from OUT")
     args = parser.parse_args()
     if args.table:
         print(table(Path(args.out)))
         return
     torch.set_num_threads(args.threads)
+    if args.backfill:
+        backfill(Path(args.out))
+        return
     row = run_cell(args.name, args.overrides, Path(args.out))
     print(json.dumps(row, indent=1))
 
