@@ -55,6 +55,15 @@ Trainer in its evaluation at step 0, and TextBrewer's process on its first batch
 TextBrewer only). So the figure is what training costs beyond holding models and data; the processes'
 absolute peaks are in the details too (tadistill's also holds its corpus and run directory).
 
+**From stored teacher signals.** A third measurement replaces tadistill's live teacher by the files of
+``tadistill cache-teacher`` (``tadistill.api.cache_teacher`` on the same config, float16, its wall time
+measured: the one-off caching, one teacher forward per training and held-out sequence), on the first
+``--cached-texts`` texts of the built-in corpus so that caching takes seconds, against TextBrewer with its
+live teacher on that corpus, steps alternating as above. Figures: the step-time ratio, and the time of one
+epoch including the caching against one epoch of TextBrewer, with the number of epochs (of one run, or
+summed over the runs that reuse the files) from which caching pays: caching time / (steps an epoch x
+(TextBrewer step - cached step)). The losses agree at step 1 to float16's precision.
+
 Run alone: ``python benchmarks/peers_textbrewer.py [--quick] [--batch-size 32 --seq-len 128 --steps 50]``.
 """
 
@@ -76,10 +85,12 @@ import torch
 from torch import Tensor
 
 if __package__:  # imported as benchmarks.peers_textbrewer
-    from .common import Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync
+    from .common import (Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync,
+                         torch_threads)
     from .minimal_loop import _copy_rng, _set_rng, build_tadistill, finish_times, interleave, uniform_pairs
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync
+    from common import (Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync,
+                        torch_threads)
     from minimal_loop import _copy_rng, _set_rng, build_tadistill, finish_times, interleave, uniform_pairs
 
 NAME = "peers_textbrewer"
@@ -550,7 +561,7 @@ def figures(timing: Timing, memory: dict[str, dict], opts: argparse.Namespace) -
                  f"alternating in one process; losses {'agree' if agree else 'DISAGREE'}: step 1 "
                  f"{timing.tadistill_loss[0]:.4f} vs {timing.textbrewer_loss[0]:.4f}, rel. diff {first_gap:.1e} there "
                  f"and at most {worst_gap:.1e} over {n} steps; other processes busy on "
-                 f"{cores_text(timing.elsewhere)} cores meanwhile"),
+                 f"{cores_text(timing.elsewhere)} cores meanwhile; {opts.threads or 'default'} torch thread(s)"),
         extra={
             "batch_size": opts.batch_size, "seq_len": opts.seq_len, "precision": opts.precision,
             "device": timing.device, "warmup_steps": w, "measured_steps": len(td),
@@ -618,7 +629,8 @@ def cached_figures(timing: Timing, caching: dict, live: Timing, opts: argparse.N
                      f"{len(timing.tadistill[w:-1])} steps after {w} warm-up, alternating in one process; tadistill "
                      f"with its live teacher: {live_td * 1e3:.0f} ms (the first speed run); losses "
                      f"{'agree' if agree else 'DISAGREE'} at step 1 to {first_gap:.1e} (float16 signals); other "
-                     f"processes busy on {cores_text(timing.elsewhere)} cores"),
+                     f"processes busy on {cores_text(timing.elsewhere)} cores; {opts.threads or 'default'} torch "
+                     "thread(s)"),
             extra=extra,
         ),
         Figure(
@@ -651,6 +663,9 @@ def parse(argv: list[str] | None = None, *, quick: bool = False) -> argparse.Nam
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--precision", choices=("no", "bf16"), default="no",
                    help="no (float32, default: TextBrewer's mixed precision needs apex) or bf16 (autocast)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the speed runs (default 1: see common.torch_threads; 0 leaves "
+                        "torch's setting)")
     p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--state", type=Path, help=argparse.SUPPRESS)
@@ -667,11 +682,14 @@ def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
     opts = parse(argv, quick=quick)
     with tempfile.TemporaryDirectory(prefix="tadistill-bench-") as tmp:
         state_dir = Path(tmp)
-        timing = measure_speed(opts, state_dir)
+        with torch_threads(opts.threads):
+            timing = measure_speed(opts, state_dir)
         memory = {} if opts.no_memory else measure_memory(opts, state_dir)
     out = figures(timing, memory, opts)
     if not opts.no_cached:
-        out += cached_figures(*measure_cached(opts), timing, opts)
+        with torch_threads(opts.threads):
+            cached = measure_cached(opts)
+        out += cached_figures(*cached, timing, opts)
     return out
 
 

@@ -1,6 +1,6 @@
 """Run tadistill's benchmarks and print one table of ratios, each against its target.
 
-    python benchmarks/run.py                         # all of them (about 10 minutes on an idle 2-core CPU)
+    python benchmarks/run.py                         # all of them (about 20 minutes on an idle 2-core CPU)
     python benchmarks/run.py --quick                 # fewer steps and variants (a smoke run)
     python benchmarks/run.py --only chunked_memory   # one benchmark; its own flags may follow:
     python benchmarks/run.py --only minimal_loop --batch-size 32 --steps 50
@@ -23,19 +23,30 @@ from rich.console import Console
 from rich.table import Table
 
 if __package__:  # imported as benchmarks.run
-    from . import chunked_memory, compile_effect, minimal_loop, peers_textbrewer, peers_trl_gkd, shared_teacher
+    from . import (
+        chunked_memory,
+        compile_effect,
+        minimal_loop,
+        peers_deep_teacher,
+        peers_textbrewer,
+        peers_trl_gkd,
+        relation_memory,
+        shared_teacher,
+    )
     from .common import Figure, machine, quiet_transformers
 else:  # python benchmarks/run.py: benchmarks/ is on sys.path
     import chunked_memory
     import compile_effect
     import minimal_loop
+    import peers_deep_teacher
     import peers_textbrewer
     import peers_trl_gkd
+    import relation_memory
     import shared_teacher
     from common import Figure, machine, quiet_transformers
 
-BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, peers_trl_gkd, shared_teacher,
-                                                 chunked_memory, compile_effect)}
+BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, peers_deep_teacher, peers_trl_gkd,
+                                                 shared_teacher, chunked_memory, relation_memory, compile_effect)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
