@@ -58,7 +58,14 @@ if __package__:  # imported as benchmarks.peers_deep_teacher
         torch_threads,
     )
     from .minimal_loop import QKV, finish_times, interleave, relation_kl
-    from .peers_textbrewer import Lockstep, TextBrewerRun, Timing, inputs_of, on_device, student_copy
+    from .peers_textbrewer import (
+        Lockstep,
+        TextBrewerRun,
+        Timing,
+        inputs_of,
+        on_device,
+        student_copy,
+    )
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
     from common import (
         Figure,
@@ -74,7 +81,14 @@ else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
         torch_threads,
     )
     from minimal_loop import QKV, finish_times, interleave, relation_kl
-    from peers_textbrewer import Lockstep, TextBrewerRun, Timing, inputs_of, on_device, student_copy
+    from peers_textbrewer import (
+        Lockstep,
+        TextBrewerRun,
+        Timing,
+        inputs_of,
+        on_device,
+        student_copy,
+    )
 
 NAME = "peers_deep_teacher"
 HOW = ("A 24x256 BERT built from a config, MiniLMv2 from its block 21 into a 6x256 student: tadistill's Trainer.run() "

@@ -85,13 +85,45 @@ import torch
 from torch import Tensor
 
 if __package__:  # imported as benchmarks.peers_textbrewer
-    from .common import (Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync,
-                         torch_threads)
-    from .minimal_loop import _copy_rng, _set_rng, build_tadistill, finish_times, interleave, uniform_pairs
+    from .common import (
+        Figure,
+        Stopwatch,
+        cores_text,
+        median,
+        pick_device,
+        print_figures,
+        quiet_transformers,
+        sync,
+        torch_threads,
+    )
+    from .minimal_loop import (
+        _copy_rng,
+        _set_rng,
+        build_tadistill,
+        finish_times,
+        interleave,
+        uniform_pairs,
+    )
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from common import (Figure, Stopwatch, cores_text, median, pick_device, print_figures, quiet_transformers, sync,
-                        torch_threads)
-    from minimal_loop import _copy_rng, _set_rng, build_tadistill, finish_times, interleave, uniform_pairs
+    from common import (
+        Figure,
+        Stopwatch,
+        cores_text,
+        median,
+        pick_device,
+        print_figures,
+        quiet_transformers,
+        sync,
+        torch_threads,
+    )
+    from minimal_loop import (
+        _copy_rng,
+        _set_rng,
+        build_tadistill,
+        finish_times,
+        interleave,
+        uniform_pairs,
+    )
 
 NAME = "peers_textbrewer"
 HOW = ("tadistill's Trainer.run() and TextBrewer's GeneralDistiller.train() distil the same student from the same "
@@ -611,8 +643,10 @@ def cached_figures(timing: Timing, caching: dict, live: Timing, opts: argparse.N
     label = (f"hidden-state MSE (uniform, 3x384 from 6x384), {opts.batch_size}x{opts.seq_len}, first "
              f"{opts.cached_texts} texts of the built-in corpus ({timing.train_sequences} training sequences, "
              f"{per_epoch} steps an epoch)")
-    common = (f"caching {cost:.1f} s wall ({caching['sequences']} sequences, {caching['bytes_per_token']:.0f} bytes "
-              f"a token in {caching['dtype']}; other processes busy on {cores_text(caching['elsewhere_cores'])} cores)")
+    stored = sum(caching["sequences"].values())
+    common = (f"caching {cost:.1f} s wall ({stored} sequences, training and held-out, "
+              f"{caching['bytes_per_token']:.0f} bytes a token in {caching['dtype']}; other processes busy on "
+              f"{cores_text(caching['elsewhere_cores'])} cores)")
     extra = {"caching": caching, "cached_step_s": cached, "textbrewer_step_s": tb, "live_tadistill_step_s": live_td,
              "steps_per_epoch": per_epoch, "break_even_epochs": epochs, "tadistill_s": timing.tadistill,
              "textbrewer_s": timing.textbrewer, "tadistill_loss": timing.tadistill_loss,

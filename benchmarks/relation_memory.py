@@ -37,10 +37,18 @@ from pathlib import Path
 import torch
 
 if __package__:  # imported as benchmarks.relation_memory
-    from .chunked_memory import _peak_resident_bytes, _reset_peak_resident, _resident_bytes
+    from .chunked_memory import (
+        _peak_resident_bytes,
+        _reset_peak_resident,
+        _resident_bytes,
+    )
     from .common import Figure, Stopwatch, cores_text, load_average, median, pick_device
 else:  # run as a script, or imported by run.py with benchmarks/ on sys.path
-    from chunked_memory import _peak_resident_bytes, _reset_peak_resident, _resident_bytes
+    from chunked_memory import (
+        _peak_resident_bytes,
+        _reset_peak_resident,
+        _resident_bytes,
+    )
     from common import Figure, Stopwatch, cores_text, load_average, median, pick_device
 
 NAME = "relation_memory"

@@ -19,7 +19,12 @@ from torch.utils._pytree import tree_leaves
 
 from tadistill.capture.attention import attention_logits
 from tadistill.cli.main import main
-from tadistill.objectives.attention import attention_kl, qk_attention_kl, relation_kl, value_relation_kl
+from tadistill.objectives.attention import (
+    attention_kl,
+    qk_attention_kl,
+    relation_kl,
+    value_relation_kl,
+)
 from tadistill.objectives.chunked_relations import (
     RELATION_CHUNK_ELEMENTS,
     RELATION_WHOLE_LIMIT,
@@ -119,7 +124,7 @@ def test_value_relation_kl_chunked_equals_plain(kv_heads, causal):
     kv_s, kv_t = kv_heads
     v_s, v_t = inputs(kv_s * 6, kv_t * 4, seed=5)  # head sizes 6 (student) and 4 (teacher)
     mask = padding_mask()
-    options = dict(num_heads=4, student_kv_heads=kv_s, teacher_kv_heads=kv_t, causal=causal)
+    options = {"num_heads": 4, "student_kv_heads": kv_s, "teacher_kv_heads": kv_t, "causal": causal}
     plain = value_and_grad(lambda: value_relation_kl(v_s, v_t, mask, **options), v_s)
     chunked = value_and_grad(lambda: value_relation_kl(v_s, v_t, mask, chunk_size=5, **options), v_s)
     torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-5)
