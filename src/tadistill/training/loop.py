@@ -407,10 +407,10 @@ class Trainer:
                 if last:
                     # Each lane steps right after its last backward, not after every lane's: its gradients and
                     # AdamW moments are then still in cache, and only one lane's gradients exist at a time. In a
-                    # 4-student study the optimizer steps ran after the other lanes' passes had evicted them
-                    # (profiled: AdamW's sqrt / lerp_ / addcdiv_ / zero_grad took longer than in 4 solo steps),
-                    # about 150 ms of a 1,083 ms study step (benchmarks/shared_teacher.py). Same values: an
-                    # update reads only its lane's state, and the teacher's outputs do not depend on any student.
+                    # 4-student study the updates ran after the other lanes' passes, and AdamW's ops were the
+                    # largest difference between one study step and four solo steps in a profile (issue 17,
+                    # benchmarks/shared_teacher.py). Same values: an update reads only its lane's state, and the
+                    # teacher's outputs do not depend on any student.
                     row = self._lane_update(lane, step, sums[lane.name], denominators[lane.name])
                     if row is None:
                         failed.append(lane)
