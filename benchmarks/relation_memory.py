@@ -8,7 +8,8 @@ from queries and keys instead (12 heads of 32 / 64), and ``--causal`` for decode
 * plain: ``relation_kl(..., chunk_size=None)``: the (B x 12, T, T) relations of both models at once
   (``qk_attention_kl`` without chunks is ``attention_kl`` on the full attention_logits);
 * chunked: the same call with ``chunk_size``, once per size: the library default
-  (``default_relation_chunk_size``: 2^22 / (B x heads x T) rows, 170 here), 512 and 64.
+  (``default_relation_chunk_size``: 2^22 / (B x heads x T) rows, 170 here; where the default keeps the
+  relation whole, e.g. ``--quick``'s T = 1,024, T / 8 instead), 512 and 64.
 
 Memory, as in ``chunked_memory``: every variant runs in a fresh process, after its inputs exist. CUDA:
 growth of ``torch.cuda.max_memory_allocated``. CPU: growth of the peak resident set (VmHWM, reset before
@@ -145,8 +146,9 @@ def measure_memory(opts: argparse.Namespace) -> list[dict]:
 
 
 def measure_time(opts: argparse.Namespace) -> dict:
-    """Plain and default-chunked forward + backward alternating in this process, one torch thread."""
-    chunk = default_chunk(opts)
+    """Plain and chunked (the first chunk size measured) forward + backward alternating in this process, one
+    torch thread."""
+    chunk = opts.chunks[0]
     device = torch.device(opts.device)
     student, teacher, mask = make_inputs(opts, device)
     threads = torch.get_num_threads()
@@ -180,6 +182,7 @@ def figures(results: list[dict], timing: dict | None, opts: argparse.Namespace, 
     how = "CUDA max_memory_allocated" if opts.device.startswith("cuda") else "peak RSS growth, fresh process"
     relation = opts.batch_size * HEADS * opts.seq_len ** 2 * 4  # bytes of one (B x H, T, T) float32 tensor
     out = []
+    timing_chunk = timing["chunk"] if timing else None
     for r in results[1:]:
         agree = max(r["loss_rel_diff"], r["grad_rel_diff"]) <= 1e-4
         default = " (library default)" if r["chunk"] == library else ""
@@ -190,7 +193,7 @@ def figures(results: list[dict], timing: dict | None, opts: argparse.Namespace, 
                    f"(B x heads, T, T) float32 relation is {relation / 2**20:,.0f} MiB); loss rel. diff "
                    f"{r['loss_rel_diff']:.1e}, gradient rel. diff {r['grad_rel_diff']:.1e} "
                    f"({'agree' if agree else 'DISAGREE'})")
-        if default and timing:
+        if r["chunk"] == timing_chunk and timing:
             ratio = median(timing["chunked_s"]) / median(timing["plain_s"])
             details += (f"; time fwd+bwd {median(timing['chunked_s']) * 1e3:,.0f} vs "
                         f"{median(timing['plain_s']) * 1e3:,.0f} ms ({ratio:.2f}x, median of "
@@ -225,7 +228,8 @@ def parse(argv: list[str] | None = None, *, quick: bool = False) -> argparse.Nam
     opts.repeats = opts.repeats if opts.repeats is not None else (2 if opts.quick else 4)
     opts.device = str(pick_device(opts.device))
     if opts.chunks is None:
-        library = default_chunk(opts) or opts.seq_len  # whole: one chunk (the plain path)
+        # The library's default; where it keeps the relation whole (short sequences), an eighth of it.
+        library = default_chunk(opts) or max(1, opts.seq_len // 8)
         opts.chunks = [library] if opts.quick else list(dict.fromkeys([library, 512, 64]))
     return opts
 
