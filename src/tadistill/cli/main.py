@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("student", help="student folder (a run's student/ or any checkpoint)")
     p.add_argument("--teacher", required=True, help="teacher: local path, hub id or 'builtin'")
     p.add_argument("--tasks", nargs="*", default=["stdlib-topic", "stdlib-retrieval"],
-                   help="known task names (GLUE, xnli-<lang>, stdlib-topic, stdlib-retrieval) or local CSV/JSONL files")
+                   help="known task names (GLUE, xnli-<lang>, stdlib-topic, stdlib-retrieval; token-level: stdlib-ner, "
+                   "conll2003, wikiann-<lang>, squad, squad_v2) or local CSV/JSONL, CoNLL or SQuAD JSON files")
     p.add_argument("--mode", choices=["probe", "finetune"], default="probe", help="linear probe or fine-tuning")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--texts", default="builtin", help="corpus whose held-out split gives the fidelity texts")

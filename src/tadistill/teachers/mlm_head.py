@@ -28,6 +28,14 @@ Why a small dedicated fit and not a ``tadistill distill`` run with the ``mlm`` o
 
 A tied decoder rather than an untied copy of the embeddings: 0.36M training tokens give ~54k masked
 predictions per pass, too few for 11.7M free decoder weights; tying also keeps "same body" literal.
+
+Measured on the built-in teacher (``HeadSpec()``: 160 steps of 32 x 128 tokens, 1.8 passes over the
+corpus, 2 CPU cores shared with other jobs at a load average of about 8): 756 s; held-out masked-LM
+perplexity 37,265 (the random head) -> 351. For scale: the corpus's unigram distribution scores about
+720 on a sample of the same held-out masking, an untied decoder started from the embeddings did no better
+after 2 passes (421 vs 427 tied, same features), and a pretrained BERT scores in single digits. The top
+layer of a sentence encoder tuned for mean-pooled embeddings keeps little of what predicts a masked word,
+so OD can pass on only what this head knows (README, the paper's study).
 """
 
 from __future__ import annotations
