@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import ast
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModel
 
 import tadistill.registry as registry
 from tadistill.capture.architectures import get_module
 from tadistill.capture.hooks import CaptureRequest
 from tadistill.cli.main import main
+from tadistill.structure import Masks, materialize, resolve_layout
 from tadistill.training.hooks import MethodHooks
 
 TARGET = 0.5
@@ -152,3 +155,109 @@ def test_the_loop_names_no_method():
     methods = {"on_policy", "adaptive", "replay", "gkd", "distillm", "ammd", "moment", "q_head", *registry.METHODS}
     assert not (names | strings) & methods
     assert not strings & set(registry.OBJECTIVES)  # no objective kind is special-cased by name
+
+
+class ToySupernet(MethodHooks):
+    """A weight-shared supernet in miniature (AutoDistil's sandwich rule needs ``passes``), with the other
+    structural hooks: a schedule (``step_begins``), a gradient edit (``before_update``) and a rebuilt student
+    (``final_student``: WID folds, DPHuBERT and AutoDistil keep the chosen units)."""
+
+    name = "toy-supernet"
+
+    def __init__(self, parts, settings):
+        self.settings = settings  # which passes: "full", "short" (the last block skipped)
+        self.arch = parts.student_arch
+        self.short = False
+        self.begun: list[int] = []
+        self.updates: list[tuple[int, bool]] = []
+        blocks = get_module(parts.student, self.arch.layers)
+        self.last_block = blocks[-1]  # trained in the "full" pass only
+        blocks[-1].register_forward_hook(self._skip)
+
+    def _skip(self, module, args, output):
+        if not self.short:
+            return output
+        return (args[0], *output[1:]) if isinstance(output, tuple) else args[0]
+
+    def _setting(self, short: bool):
+        @contextmanager
+        def run():
+            self.short = short
+            try:
+                yield
+            finally:
+                self.short = False
+        return run
+
+    def passes(self, step, number):
+        return [self._setting(s == "short") for s in self.settings]
+
+    def step_begins(self, step):
+        self.begun.append(step)
+
+    def before_update(self, step):
+        has_grads = all(p.grad is not None and p.grad.abs().sum() > 0 for p in self.last_block.parameters())
+        self.updates.append((step, has_grads))
+
+    def log_values(self):
+        return {"toy/begun": self.begun[-1], "toy/updates": len(self.updates),
+                "toy/grads": float(all(g for _, g in self.updates))}
+
+    def state_dict(self):
+        return {"begun": self.begun, "updates": [list(u) for u in self.updates]}
+
+    def load_state_dict(self, state):
+        self.begun = list(state["begun"])
+        self.updates = [tuple(u) for u in state["updates"]]
+
+    def final_student(self, student):
+        layout = resolve_layout(student)
+        return materialize(student, layout, Masks.keep(layout, blocks=list(range(layout.num_layers - 1))))
+
+
+def _with_supernet(monkeypatch, settings):
+    build = lambda config, parts: ToySupernet(parts, settings)  # noqa: E731
+    methods = {**registry.METHODS, "toy-supernet": registry.MethodEntry(build, "")}
+    monkeypatch.setattr(registry, "METHODS", methods)
+    import tadistill.training.lane as lane
+
+    monkeypatch.setattr(lane, "METHODS", methods)
+
+
+def _first_loss(run: Path) -> float:
+    return next(r["loss"] for r in _rows(run) if "loss" in r)
+
+
+def test_passes_average_and_structural_hooks(tiny_args, tiny_teacher_no_dropout, tmp_path, monkeypatch):
+    args = lambda *extra: ["distill", "hs", *tiny_args(*extra, teacher=tiny_teacher_no_dropout),  # noqa: E731
+                           "--no-progress"]
+    firsts = {}
+    for settings in (("full",), ("short",), ("full", "short")):
+        _with_supernet(monkeypatch, settings)
+        out = tmp_path / "-".join(settings)
+        assert main([*args("train.steps=1"), "--out", str(out)]) == 0
+        firsts[settings] = _first_loss(out)
+    # Two passes train on the mean of their losses (and gradients): not their sum, not the last one.
+    assert firsts[("full",)] != firsts[("short",)]
+    assert abs(firsts[("full", "short")] - (firsts[("full",)] + firsts[("short",)]) / 2) < 1e-6
+
+    # step_begins once per step, before_update with every gradient in place; both resume exactly.
+    _with_supernet(monkeypatch, ("full", "short"))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = args("train.steps=4", "train.save_every=2")
+    assert main([*common, "--out", str(straight)]) == 0
+    rows = [r for r in _rows(straight) if "loss" in r]
+    assert [(r["toy/begun"], r["toy/updates"], r["toy/grads"]) for r in rows] == [(s, s, 1.0) for s in (1, 2, 3, 4)]
+    assert main([*common, "--set", "train.stop_at=2", "--out", str(split)]) == 0
+    assert main([*common, "--out", str(split), "--resume"]) == 0
+    again = [r for r in _rows(split) if "loss" in r]
+    assert [(r["loss"], r["toy/begun"], r["toy/updates"]) for r in again] == \
+        [(r["loss"], r["toy/begun"], r["toy/updates"]) for r in rows]
+
+    # final_student: the saved student is the method's rebuilt one, and the summary describes it.
+    summary = json.loads((straight / "summary.json").read_text())
+    teacher_layers = json.loads((tiny_teacher_no_dropout / "config.json").read_text())["num_hidden_layers"]
+    saved = AutoModel.from_pretrained(straight / "student")
+    assert saved.config.num_hidden_layers == teacher_layers // 2 - 1  # the hs default: half the teacher's blocks
+    assert summary["student_shape"].startswith(f"{saved.config.num_hidden_layers}x")
+    assert summary["student_parameters"] == sum(p.numel() for p in saved.parameters())

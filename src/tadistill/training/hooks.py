@@ -16,23 +16,42 @@ When the loop calls them, for each lane and each of its methods (in registry ord
                             Lagrangian), added to the objectives' terms
 ``param_groups(params)``    once, when the optimizer is built: optimizer groups for the method's
                             own parameters (other lr, no decay, ``maximize`` for multipliers)
+``step_begins(step)``       per optimizer step, before its first forward: schedules that move with
+                            the step (DPHuBERT's sparsity-target ramp, WID's mask growth)
 ``continuation(request)``   per micro-batch, before any forward: where the batch's continuations
                             come from; None keeps the dataset's (at most one method per lane may
                             return continuations)
+``passes(step, number)``    per micro-batch: the settings the lane runs it under, one forward and
+                            backward each, gradients averaged (AutoDistil's sandwich rule: largest,
+                            smallest and random sub-networks of a weight-shared supernet); None: one
+                            plain pass (at most one method per lane may return passes)
 ``held_parameters(step)``   per optimizer step, after backward: parameters that must not move at
                             this step (alternating updates); their gradients are dropped
+``before_update(step)``     per optimizer step, after the last backward, before clipping and the
+                            optimizer: edit gradients in place (WID: masked compactor entries decay)
 ``after_evaluation(row)``   after each held-out evaluation: values to add to the evaluation row
 ``log_values()``            at each logged step: values to add to the training row
 ``state_dict()`` /          at each checkpoint / on resume: the method's own state (plain numbers,
 ``load_state_dict(state)``  strings, lists, dicts and tensors; never pickled)
+``final_student(student)``  once, when the lane finishes, before the student is saved: the model to
+                            save instead (WID folds its compactors into the weights; DPHuBERT and
+                            AutoDistil keep the units their masks or search chose); None keeps it.
+                            Methods apply in registry order, each to the previous one's result
 ==========================  ===================================================================
 
-Design rule (house style 14): a hook exists here only when two or more methods need it.
+Random draws inside hooks (sub-networks, gates) use ``seed_for(train.seed, purpose, number)`` or run in
+the lane's random stream (forwards do), so a resumed run and a study lane draw what a solo run draws.
+
+Design rule (house style 14): a hook exists here only when two or more methods need it (``passes``: AutoDistil
+and every weight-sharing supernet of its kind, DynaBERT, once-for-all; ``final_student``: WID, DPHuBERT,
+AutoDistil; ``before_update``: WID, AMMD-style alternation; ``step_begins``: DPHuBERT, WID).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +61,12 @@ from torch import Tensor, nn
 # Where a micro-batch's continuations came from; carried in batch["sampled_by"] (dataset batches carry none)
 # for the terms that treat on-policy batches differently (AMMD's on-policy moment).
 SAMPLED_BY = {"student": 1, "teacher": 2, "replay": 3}
+
+
+def seed_for(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -87,11 +112,21 @@ class MethodHooks:
         """Optimizer groups for ``params`` (this method's own parameters); None: the lane's default groups."""
         return None
 
+    def step_begins(self, step: int) -> None:
+        return None
+
     def continuation(self, request: ContinuationRequest) -> Continuation | None:
+        return None
+
+    def passes(self, step: int, number: int) -> list[Callable[[], AbstractContextManager]] | None:
+        """Context factories, one per forward + backward of micro-batch ``number``; None: one plain pass."""
         return None
 
     def held_parameters(self, step: int) -> list[nn.Parameter]:
         return []
+
+    def before_update(self, step: int) -> None:
+        return None
 
     def after_evaluation(self, row: dict[str, float]) -> dict[str, float]:
         return {}
@@ -104,6 +139,14 @@ class MethodHooks:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+    def final_student(self, student: nn.Module) -> nn.Module | None:
+        return None
+
+
+def overrides(method: MethodHooks, hook: str) -> bool:
+    """Whether ``method`` defines ``hook`` itself (the lane refuses two methods that both choose a thing)."""
+    return getattr(type(method), hook) is not getattr(MethodHooks, hook)
 
 
 def continuation_count(counts: dict[str, int], sources: tuple[str, ...]) -> dict[str, float]:

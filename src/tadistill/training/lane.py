@@ -25,7 +25,7 @@ from tadistill.config import DistillConfig
 from tadistill.errors import ConfigError
 from tadistill.registry import METHODS, OBJECTIVES, traits
 from tadistill.students.spec import build_student_from_spec
-from tadistill.training.hooks import MethodHooks
+from tadistill.training.hooks import MethodHooks, overrides
 from tadistill.training.rundir import RunDir
 from tadistill.training.terms import NORMALIZERS, ModelOutputs, Term, merge_requests
 
@@ -266,9 +266,10 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
     terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in config.objectives if o.weight > 0]
     parts = LaneParts(student, student_arch, terms)
     methods = [m for entry in METHODS.values() if (m := entry.build(config, parts)) is not None]
-    sampling = [m.name for m in methods if type(m).continuation is not MethodHooks.continuation]
-    if len(sampling) > 1:
-        raise ConfigError(f"methods {', '.join(sampling)} both choose where continuations come from: keep one")
+    for hook, what in (("continuation", "where continuations come from"), ("passes", "the passes of a micro-batch")):
+        choosing = [m.name for m in methods if overrides(m, hook)]
+        if len(choosing) > 1:
+            raise ConfigError(f"methods {', '.join(choosing)} both choose {what}: keep one")
     modules: dict[str, nn.Module] = {}
     for method in methods:
         terms += method.terms()

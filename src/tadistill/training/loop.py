@@ -3,15 +3,18 @@
 It trains one or several lanes (students, see ``lane.py``) over the same batches, running the teacher
 once per batch for all of them. One optimizer step:
 1. build the step's micro-batches (their order and masks are pure functions of the step number and
-   the seed, so a resumed run sees exactly the same data); a lane's methods may replace a micro-batch's
-   continuations (``MethodHooks.continuation``: sampled, replayed);
+   the seed, so a resumed run sees exactly the same data); the lanes' methods see the step begin
+   (``step_begins``: schedules) and may replace a micro-batch's continuations (``continuation``:
+   sampled, replayed);
 2. count the valid tokens and masked positions of the whole step, summed over processes;
 3. per micro-batch: teacher forward under inference_mode (once per input variant: clean text, and
    BERT-masked text when a lane needs it); then, per lane and inside its own random stream, student
    forward, each term's summed loss divided by its global count ("sum, then normalize once"), backward
-   (gradient sync only on the last micro-batch);
+   (gradient sync only on the last micro-batch); a method may run the micro-batch in several passes
+   (``passes``: a supernet's sub-networks), averaged;
 4. per lane, right after its last backward: stop on a NaN / inf loss before the weights are touched; drop
-   the gradients of the parameters a method holds this step (``held_parameters``); clip, step, schedule;
+   the gradients of the parameters a method holds this step (``held_parameters``); let methods edit
+   gradients (``before_update``); clip, step, schedule;
 5. log (with the methods' ``log_values``), evaluate on held-out text (``after_evaluation``), checkpoint
    atomically (the lanes' and methods' ``state_dict``).
 
@@ -20,7 +23,6 @@ The loop names no method: what a method adds is declared through ``training/hook
 
 from __future__ import annotations
 
-import hashlib
 import math
 import signal
 import time
@@ -42,7 +44,7 @@ from tadistill.data.masking import mask_tokens
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import restore_checkpoint, save_checkpoint
-from tadistill.training.hooks import SAMPLED_BY, ContinuationRequest
+from tadistill.training.hooks import SAMPLED_BY, ContinuationRequest, seed_for
 from tadistill.training.lane import Lane, _rng_state, _set_rng_state, check_shared, compile_forward
 from tadistill.training.sampling import sample_continuations
 from tadistill.training.signals import Interrupted, StopSignals
@@ -89,12 +91,6 @@ class LoopResult:
     interrupted: int | None = None  # the signal that stopped the run (after a checkpoint)
     evaluations: dict[str, list[dict]] = field(default_factory=dict)  # lane -> eval rows logged now
     tokens_seen: int = 0  # valid tokens of the dataset batches trained on so far, every process (resumed too)
-
-
-def _seed_for(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def next_token_labels(input_ids: Tensor, attention_mask: Tensor, prompt_lengths: list[int] | None) -> Tensor:
@@ -237,7 +233,7 @@ class Trainer:
             indices = self.order.indices(number)
             sequences = [self.train_set[i] for i in indices]
             prompts = [self.train_set.prompt_length(i) for i in indices]
-            variants = {masked: self._batch(sequences, prompts, masked=masked, seed=_seed_for(tc.seed, "train", number))
+            variants = {masked: self._batch(sequences, prompts, masked=masked, seed=seed_for(tc.seed, "train", number))
                         for masked in self.variants}
             out.append(MicroBatch(number, sequences, prompts, variants, indices))
         return out
@@ -254,14 +250,14 @@ class Trainer:
 
         def sample(who: str, **settings) -> list[Tensor]:
             model = self.acc.unwrap_model(lane.model).student if who == "student" else self.teacher
-            generator = torch.Generator(self.acc.device).manual_seed(_seed_for(seed, "sample", micro.number))
+            generator = torch.Generator(self.acc.device).manual_seed(seed_for(seed, "sample", micro.number))
             prompts = [seq[:n] for seq, n in zip(micro.sequences, micro.prompt_lengths)]
             return sample_continuations(model, prompts, max_length=self.cfg.data.max_length, eos_id=self.tok.eos_id,
                                         pad_id=self.tok.pad_id, generator=generator, **settings)
 
         request = ContinuationRequest(
             micro.number, step, micro.sequences, micro.prompt_lengths, sample,
-            lambda purpose: torch.Generator().manual_seed(_seed_for(seed, purpose, micro.number)),
+            lambda purpose: torch.Generator().manual_seed(seed_for(seed, purpose, micro.number)),
         )
         for method in lane.methods:
             continuation = method.continuation(request)
@@ -318,7 +314,7 @@ class Trainer:
             seqs = [self.heldout[i] for i in indices]
             prompts = [self.heldout.prompt_length(i) for i in indices]
             for masked in self.variants:
-                batch = self._batch(seqs, prompts, masked=masked, seed=_seed_for(tc.seed, "eval", start))
+                batch = self._batch(seqs, prompts, masked=masked, seed=seed_for(tc.seed, "eval", start))
                 teacher = self._teacher_outputs(batch, t_cap, masked, ("heldout", list(indices)))
                 counts[masked] += _counts([batch], device)
                 for lane in lanes:
@@ -338,14 +334,23 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- loop
 
     def _lane_backward(self, lane: Lane, batch: dict[str, Tensor], teacher: ModelOutputs, scale: Tensor,
-                       *, sync: bool) -> Tensor:
-        """One micro-batch of one lane, in its own random stream: forward, backward; returns its (n_terms,) sums."""
+                       *, sync: bool, step: int, number: int) -> Tensor:
+        """One micro-batch of one lane, in its own random stream: forward, backward; returns its (n_terms,) sums.
+
+        A method may ask for several passes (``MethodHooks.passes``): each runs under its context, and the
+        sums and gradients are their mean; gradients are synchronised after the last pass only.
+        """
         acc = self.acc
-        with lane.own_random_stream(), nullcontext() if sync else acc.no_sync(lane.model):
-            with acc.autocast():
-                sums = lane.model(_inputs(batch), batch, teacher, self.captured[lane.name])
-            acc.backward((sums * scale.to(sums.dtype)).sum())
-        return sums.detach().double()
+        passes = next((p for m in lane.methods if (p := m.passes(step, number)) is not None), None) or [nullcontext]
+        total = torch.zeros(len(lane.terms), dtype=torch.float64, device=acc.device)
+        for k, setting in enumerate(passes):
+            last = sync and k == len(passes) - 1
+            with lane.own_random_stream(), nullcontext() if last else acc.no_sync(lane.model), setting():
+                with acc.autocast():
+                    sums = lane.model(_inputs(batch), batch, teacher, self.captured[lane.name])
+                acc.backward((sums * (scale / len(passes)).to(sums.dtype)).sum())
+            total += sums.detach().double() / len(passes)
+        return total
 
     def _lane_update(self, lane: Lane, step: int, sums: Tensor, denominators: Tensor) -> dict | None:
         """Normalize the step's sums; stop on NaN / inf before touching the weights; else clip and step."""
@@ -360,6 +365,7 @@ class Trainer:
         for method in lane.methods:  # alternating schemes (AMMD): one player waits this step
             for param in method.held_parameters(step):
                 param.grad = None
+            method.before_update(step)  # gradient edits (WID: masked compactor entries decay to zero)
         tc = lane.config.train
         grad_norm = acc.clip_grad_norm_(lane.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
         lane.optimizer.step()
@@ -377,6 +383,9 @@ class Trainer:
         acc = self.acc
         micros = self._micro_batches(step)
         lanes = self._active()
+        for lane in lanes:
+            for method in lane.methods:  # schedules that move with the step (sparsity targets, mask growth)
+                method.step_begins(step)
         # Every lane's batches first (sampling happens here), so each term can be divided by its global count
         # (tokens or targets) of the whole step before the first backward.
         plans = {lane.name: [self._lane_batch(lane, m, step) for m in micros] for lane in lanes}
@@ -402,7 +411,8 @@ class Trainer:
                     teacher = self._teacher_outputs(batch, t_cap, key == "masked", ("train", micros[i].indices))
                     if key is not None:  # dataset batches are shared; a lane's own continuations are not
                         teachers[key] = teacher
-                sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name], sync=last)
+                sums[lane.name] += self._lane_backward(lane, batch, teacher, scales[lane.name], sync=last, step=step,
+                                                       number=micros[i].number)
                 del teacher
                 if last:
                     # Each lane steps right after its last backward, not after every lane's: its gradients and

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from tadistill.measure.parameters import count_parameters
 from tadistill.measure.embeddings import TeacherEmbeddings
@@ -18,6 +19,9 @@ from safetensors.torch import save
 from tadistill.fileio import apply_umask, atomic_open, atomic_write_text
 from tadistill.measure.perplexity import causal_perplexity
 from tadistill.loading import resolve_model_path
+from tadistill.capture.architectures import resolve_architecture
+from tadistill.errors import TrainingError
+from tadistill.training.hooks import overrides
 from tadistill.training.lane import Lane
 
 MODULES_FILE = "modules.safetensors"  # a lane's learned modules (terms' projections, methods' modules)
@@ -88,6 +92,21 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_d
     os.replace(tmp, target)
 
 
+def _final_student(lane: Lane, student, accelerator: Accelerator):
+    """The model the lane's methods hand back for saving (``MethodHooks.final_student``), and its architecture.
+
+    The methods read the live modules, so these must hold full weights: not a shard of FSDP / ZeRO-3.
+    """
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        names = ", ".join(m.name for m in lane.methods if overrides(m, "final_student"))
+        raise TrainingError(f"{names} rebuild the student at the end, which needs unsharded weights: train it with "
+                            "DDP or on one process (the checkpoints of this run are kept; --resume after switching)")
+    student.eval()
+    for method in lane.methods:
+        student = method.final_student(student) or student
+    return student, resolve_architecture(student)
+
+
 def finish_lane(
     lane: Lane, accelerator: Accelerator, *, teacher, teacher_arch, tokenizer, texts: list[str], steps: int,
     split_tokens: int, tokens_seen: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
@@ -105,6 +124,10 @@ def finish_lane(
     config, run = lane.config, lane.run
     final = accelerator.unwrap_model(lane.model).student
     weights = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+    s_arch = lane.student_arch
+    if any(overrides(m, "final_student") for m in lane.methods):
+        final, s_arch = _final_student(lane, final, accelerator)
+        weights = None  # the methods' result holds its own (full) weights
     save_student(final, tokenizer, run.student, teacher_dir=Path(resolve_model_path(config.teacher)),
                  state_dict=weights)
     modules = {k: v.contiguous() for k, v in full.items() if not k.startswith("student.")}
@@ -112,7 +135,7 @@ def finish_lane(
         with atomic_open(run.root / MODULES_FILE, "wb") as handle:
             handle.write(save(modules))
     evals = [r for r in run.read_metrics() if "eval/loss" in r]
-    s_arch, t_arch = lane.student_arch, teacher_arch
+    t_arch = teacher_arch
     summary = {
         "teacher": config.teacher,
         "recipe": config.recipe,
