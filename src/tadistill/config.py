@@ -69,6 +69,12 @@ class StudentConfig(_Strict):
 
 # -------------------------------------------------------------------------------------- objectives
 
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Activation (gradient) checkpointing: keep only each block's input in the forward and recompute "
+        "the block in backward (non-reentrant), about a third more compute for activation memory of one block "
+        "instead of all (Chen et al. 2016); the losses and gradients are those of the plain run.",
+    )
 
 class _Objective(_Strict):
     weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
@@ -409,6 +415,13 @@ class StageConfig(_Strict):
     unless ``student_from: config``. A teacher written ``stage:NAME`` is the student of stage NAME.
     """
 
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers that receive every logged row besides metrics.jsonl (Accelerate's trackers; "
+        "each needs its package). Offline: WANDB_MODE=offline; mlflow writes a file store under the run directory "
+        "unless MLFLOW_TRACKING_URI is set; [] logs to metrics.jsonl only.",
+    )
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="Stage name: its folder under stages/.")
     action: Literal["distill", "prune"] = Field(
         "distill", description="'distill': train the stage's student; 'prune': prune the stage's teacher into the "
@@ -502,5 +515,27 @@ class DistillConfig(_Strict):
 
 # Fields that may change between a run and its --resume without changing the run.
 # The learning rate and its schedule may change (e.g. lowered after a NaN stop): the step count continues.
-RESUMABLE_FIELDS = {("train", "stop_at"), ("train", "compile"), ("train", "lr"), ("train", "schedule"),
+# Trackers and activation checkpointing change where rows go and what memory a step takes, not the numbers.
+RESUMABLE_FIELDS = {("train", "report_to"), ("student", "gradient_checkpointing"),
+                    ("train", "stop_at"), ("train", "compile"), ("train", "lr"), ("train", "schedule"),
                     ("train", "min_lr_ratio"), ("train", "warmup_steps"), ("train", "warmup_ratio")}
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the teacher's weights load in: 'auto' keeps the checkpoint's (most LLMs: bf16), "
+        "bfloat16 / float16 halve the memory of a float32 checkpoint. The student's master weights stay float32.",
+    )
+    teacher_quantization: Literal["8bit", "4bit"] | None = Field(
+        None, description="Load the teacher in 8-bit (LLM.int8) or 4-bit (NF4) with bitsandbytes (pip install "
+        "'tadistill[quantization]'; CUDA GPUs only): a quarter / an eighth of its float32 memory.",
+    )
+    teacher_device_map: str | None = Field(
+        None, description="Spread the teacher over this process's GPUs with transformers' device_map ('auto', "
+        "'balanced', 'sequential'); null: the whole teacher on the process's device.",
+    )
+    @model_validator(mode="after")
+    def _quantized_teacher_keeps_its_weights(self) -> DistillConfig:
+        if self.teacher_quantization and self.student.init == "teacher" and self.student.pretrained is None:
+            raise ValueError(f"teacher_quantization={self.teacher_quantization} leaves no float weights to copy into "
+                             "the student: set student.init=random or student.pretrained (a smaller checkpoint of "
+                             "the family), or load the teacher unquantized (teacher_dtype=bfloat16)")
+        return self
+

@@ -6,7 +6,10 @@ modeling code shipped with a checkpoint runs only when the user sets ``trust_rem
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -139,6 +142,47 @@ def _from_pretrained(cls, path: str, **kwargs):
     return cls.from_pretrained(path, output_loading_info=True, use_safetensors=True, **kwargs)
 
 
+TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def teacher_load_options(config) -> dict[str, Any]:
+    """Keyword arguments of ``load_pretrained`` for a DistillConfig's teacher: dtype, quantization, device map.
+
+    Refuses in one line what cannot run here: bitsandbytes requested but not installed, or no CUDA GPU for it.
+    """
+    dtype = TEACHER_DTYPES[config.teacher_dtype]
+    options: dict[str, Any] = {"dtype": dtype, "device_map": config.teacher_device_map}
+    kind = config.teacher_quantization
+    if kind is None:
+        return options
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"teacher_quantization={kind} needs bitsandbytes: pip install 'tadistill[quantization]' "
+                          "(or drop teacher_quantization and use teacher_dtype=bfloat16)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"teacher_quantization={kind} runs on CUDA GPUs only (bitsandbytes) and this machine has "
+                          "none: drop it, or use teacher_dtype=bfloat16")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":  # LLM.int8 (Dettmers et al. 2022): int8 weights, outlier features kept in 16 bits
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:  # NF4 with double quantization (Dettmers et al. 2023, QLoRA section 3); matmuls in bf16
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+    options["quantization_config"] = quantization
+    if options["device_map"] is None:
+        # bitsandbytes quantizes while placing the weights on a GPU: this process's own (torchrun / accelerate set
+        # LOCAL_RANK), so that each process of a data-parallel run holds one quantized replica.
+        options["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+    return options
+
+
+def placed_by_loading(model) -> bool:
+    """Whether loading placed ``model`` itself (a device map over several devices, or bitsandbytes weights): such a
+    model must not be moved or cast afterwards (``model.to`` would gather it on one device or fail)."""
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    return len(devices) > 1 or bool(getattr(model, "is_quantized", False))
+
+
 def load_pretrained(
     name: str,
     *,
@@ -146,13 +190,23 @@ def load_pretrained(
     trust_remote_code: bool = False,
     what: str = "teacher",
     dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    quantization_config: Any = None,
 ):
-    """Load a model with the wanted head ('base', 'mlm' or 'causal-lm'); refuse a head the checkpoint cannot meet."""
+    """Load a model with the wanted head ('base', 'mlm' or 'causal-lm'); refuse a head the checkpoint cannot meet.
+
+    ``dtype`` None keeps the checkpoint's dtype; ``device_map`` and ``quantization_config`` are passed to
+    transformers as given (``teacher_load_options`` builds them from a config).
+    """
     path = resolve_model_path(name)
     cls = {"base": AutoModel, "mlm": AutoModelForMaskedLM, "causal-lm": AutoModelForCausalLM}[head]
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     try:
         model, info = _from_pretrained(cls, path, **kwargs)
     except ValueError as exc:

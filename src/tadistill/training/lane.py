@@ -217,6 +217,18 @@ def _optimizer_and_schedule(config: DistillConfig, distiller: Distiller, methods
     return optimizer, scheduler
 
 
+def enable_checkpointing(student: nn.Module) -> None:
+    """Activation checkpointing of every block (Chen et al. 2016): a block keeps only its input in the forward
+    and runs again in backward. Non-reentrant (``use_reentrant=False``): gradients are exact even for blocks whose
+    inputs need none. The capture hooks stay correct: transformers checkpoints a block's ``forward``, so hooks on
+    blocks run once; hooks inside them (Q/K/V projections) run again in the recomputation, after the loss has read
+    the forward's tensors, and what they store then lives until the next forward clears it (tested equal)."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(student).__name__} does not support activation checkpointing in transformers: set "
+                          "student.gradient_checkpointing=false")
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def check_objectives(config: DistillConfig, teacher_arch: Architecture, tokenizer) -> None:
     """The user errors of a config against its teacher, from the objectives' traits (one line each)."""
     active = [o for o in config.objectives if o.weight > 0]
@@ -262,6 +274,8 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
         # A teacher saved in bf16 (most LLM checkpoints) gives a bf16 student; its master weights and AdamW
         # states must be float32 (precision=bf16 autocasts the forward).
         student.float()
+    if config.student.gradient_checkpointing:
+        enable_checkpointing(student)
     student_arch = resolve_architecture(student)
     terms = [OBJECTIVES[o.kind].term(o, student_arch, teacher_arch) for o in config.objectives if o.weight > 0]
     parts = LaneParts(student, student_arch, terms)

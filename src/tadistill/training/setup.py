@@ -39,7 +39,7 @@ from tadistill.data.tokenized import CorpusSplits
 from tadistill.errors import ConfigError, TadistillError
 from tadistill.measure.parameters import count_parameters
 from tadistill.measure.embeddings import TeacherEmbeddings
-from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer
+from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, teacher_load_options
 from tadistill.registry import traits
 from tadistill.training.lane import Lane, build_lane
 from tadistill.training.loop import LoopResult, TokenizerInfo, Trainer
@@ -86,7 +86,8 @@ def load_teacher(configs: list[DistillConfig]):
     causal = is_causal_lm(load_model_config(first.teacher, trust_remote_code=first.trust_remote_code))
     tokenizer = load_tokenizer(first.teacher, trust_remote_code=first.trust_remote_code)
     head = "causal-lm" if causal else "mlm" if needs_logits else "base"
-    teacher = load_pretrained(first.teacher, head=head, trust_remote_code=first.trust_remote_code)
+    teacher = load_pretrained(first.teacher, head=head, trust_remote_code=first.trust_remote_code,
+                              **teacher_load_options(first))  # teacher_dtype / _quantization / _device_map
     return tokenizer, teacher, resolve_architecture(teacher)
 
 
@@ -116,6 +117,7 @@ class RunSetup:
         self.began = time.perf_counter()
         self.tokenizer, self.teacher, self.teacher_arch = load_teacher(configs)
         self.teacher_parameters = count_parameters(self.teacher)
+        self.teacher_config = self.teacher.config  # kept when the teacher is dropped (summary FLOPs)
         self.lanes: list[Lane] = []
         for cell in cells:
             try:
@@ -176,6 +178,7 @@ class RunSetup:
             texts=self.texts, steps=result.final_step, split_tokens=self.splits.train.num_tokens(),
             tokens_seen=result.tokens_seen, cosine_start=self.cosine_start[lane.name], began=self.began,
             teacher_parameters=self.teacher_parameters, teacher_embeddings=self.embeddings,
+            teacher_config=self.teacher_config,
         )
 
 
