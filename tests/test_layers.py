@@ -56,8 +56,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reports", ("tadistill.reports",)),
     # Studies: grids of cells trained, evaluated and reported together.
     ("study", ("tadistill.study",)),
-    # Whole runs: distill and cache-teacher (api), and the built-in teacher, whose training is a run too.
-    ("entry points", ("tadistill.api", "tadistill.teachers")),
+    # Whole runs: distill and cache-teacher (api), and the built-in teacher, whose training is a run too; prompt
+    # compression (LLMLingua-2: annotate with a teacher LLM, train an encoder, compress), a pipeline of its own.
+    ("entry points", ("tadistill.api", "tadistill.teachers", "tadistill.lingua")),
     # The command line, ``python -m tadistill`` and the package root.
     ("interface", ("tadistill.cli", "tadistill.__main__", PACKAGE)),
 ]

@@ -261,3 +261,4 @@ def test_passes_average_and_structural_hooks(tiny_args, tiny_teacher_no_dropout,
     assert saved.config.num_hidden_layers == teacher_layers // 2 - 1  # the hs default: half the teacher's blocks
     assert summary["student_shape"].startswith(f"{saved.config.num_hidden_layers}x")
     assert summary["student_parameters"] == sum(p.numel() for p in saved.parameters())
+    assert 0 < summary["student_flops_per_token"] < summary["teacher_flops_per_token"]

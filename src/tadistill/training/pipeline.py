@@ -11,16 +11,16 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-
-from tadistill.measure.parameters import count_parameters
-from tadistill.measure.embeddings import TeacherEmbeddings
 from safetensors.torch import save
 
-from tadistill.fileio import apply_umask, atomic_open, atomic_write_text
-from tadistill.measure.perplexity import causal_perplexity
-from tadistill.loading import resolve_model_path
 from tadistill.capture.architectures import resolve_architecture
-from tadistill.errors import TrainingError
+from tadistill.errors import ConfigError, TrainingError
+from tadistill.fileio import apply_umask, atomic_open, atomic_write_text
+from tadistill.loading import resolve_model_path
+from tadistill.measure.embeddings import TeacherEmbeddings
+from tadistill.measure.flops import flops_per_token
+from tadistill.measure.parameters import count_parameters
+from tadistill.measure.perplexity import causal_perplexity
 from tadistill.training.hooks import overrides
 from tadistill.training.lane import Lane
 
@@ -92,6 +92,15 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_d
     os.replace(tmp, target)
 
 
+def _flops(model_config, config) -> int | None:
+    if model_config is None:
+        return None
+    try:
+        return flops_per_token(model_config, seq_len=config.data.max_length)
+    except (ConfigError, ValueError, AttributeError):  # a family without a known shape: leave it out, do not fail
+        return None
+
+
 def _final_student(lane: Lane, student, accelerator: Accelerator):
     """The model the lane's methods hand back for saving (``MethodHooks.final_student``), and its architecture.
 
@@ -110,11 +119,12 @@ def _final_student(lane: Lane, student, accelerator: Accelerator):
 def finish_lane(
     lane: Lane, accelerator: Accelerator, *, teacher, teacher_arch, tokenizer, texts: list[str], steps: int,
     split_tokens: int, tokens_seen: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
-    teacher_embeddings: TeacherEmbeddings | None = None,
+    teacher_embeddings: TeacherEmbeddings | None = None, teacher_config=None,
 ) -> dict[str, Any]:
     """Save the student and write summary.json (main process); return the summary.
 
-    ``teacher`` may be None (teacher-free training, the teacher was dropped): pass ``teacher_parameters``.
+    ``teacher`` may be None (teacher-free training, the teacher was dropped): pass ``teacher_parameters`` (and
+    ``teacher_config`` for its FLOPs).
     ``teacher_embeddings``: as in ``start_cosine``.
     """
     # Every process takes part in gathering the full weights (sharded under FSDP / ZeRO-3); the main one saves.
@@ -144,6 +154,9 @@ def finish_lane(
         "teacher_shape": f"{t_arch.num_layers}x{t_arch.hidden_size} ({t_arch.num_heads} heads)",
         "teacher_parameters": count_parameters(teacher) if teacher is not None else teacher_parameters,
         "student_parameters": count_parameters(final),
+        # Forward FLOPs per token at the run's sequence length, bodies only (measure/flops.py)
+        "teacher_flops_per_token": _flops(teacher.config if teacher is not None else teacher_config, config),
+        "student_flops_per_token": _flops(final.config, config),
         "steps": steps,
         "train_split_tokens": split_tokens,  # tokens in the corpus's training split
         "tokens_seen": tokens_seen,  # tokens trained on (valid tokens of every batch, all processes)
