@@ -65,16 +65,16 @@ class StudentConfig(_Strict):
         description="Start from an existing checkpoint (local path or hub id) instead of the teacher's "
         "config; its tokenizer must equal the teacher's.",
     )
-
-
-# -------------------------------------------------------------------------------------- objectives
-
     gradient_checkpointing: bool = Field(
         False,
         description="Activation (gradient) checkpointing: keep only each block's input in the forward and recompute "
         "the block in backward (non-reentrant), about a third more compute for activation memory of one block "
         "instead of all (Chen et al. 2016); the losses and gradients are those of the plain run.",
     )
+
+
+# -------------------------------------------------------------------------------------- objectives
+
 
 class _Objective(_Strict):
     weight: float = Field(1.0, ge=0.0, description="Weight of this term in the total loss.")
@@ -331,6 +331,13 @@ class TrainConfig(_Strict):
         False, description="torch.compile the student's and the teacher's forward passes: the first steps compile "
         "(seconds to minutes), later ones may run faster; measure with benchmarks/run.py --only compile_effect."
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers that receive every logged row besides metrics.jsonl (Accelerate's trackers; "
+        "each needs its package). Offline: WANDB_MODE=offline; mlflow writes a file store under the run directory "
+        "unless MLFLOW_TRACKING_URI is set; [] logs to metrics.jsonl only.",
+    )
 
 
 class OnPolicyConfig(_Strict):
@@ -415,13 +422,6 @@ class StageConfig(_Strict):
     unless ``student_from: config``. A teacher written ``stage:NAME`` is the student of stage NAME.
     """
 
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
-                            "swanlab"]] = Field(
-        ["tensorboard"],
-        description="Experiment trackers that receive every logged row besides metrics.jsonl (Accelerate's trackers; "
-        "each needs its package). Offline: WANDB_MODE=offline; mlflow writes a file store under the run directory "
-        "unless MLFLOW_TRACKING_URI is set; [] logs to metrics.jsonl only.",
-    )
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="Stage name: its folder under stages/.")
     action: Literal["distill", "prune"] = Field(
         "distill", description="'distill': train the stage's student; 'prune': prune the stage's teacher into the "
@@ -445,6 +445,18 @@ class DistillConfig(_Strict):
     recipe: str | None = Field(None, description="Recipe this config came from (informational).")
     teacher: str = Field(BUILTIN_TEACHER, description="Teacher: local path, hub id, or 'builtin' (all-MiniLM-L6-v2).")
     trust_remote_code: bool = Field(False, description="Allow custom modeling code shipped with a checkpoint.")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the teacher's weights load in: 'auto' keeps the checkpoint's (most LLMs: bf16), "
+        "bfloat16 / float16 halve the memory of a float32 checkpoint. The student's master weights stay float32.",
+    )
+    teacher_quantization: Literal["8bit", "4bit"] | None = Field(
+        None, description="Load the teacher in 8-bit (LLM.int8) or 4-bit (NF4) with bitsandbytes (pip install "
+        "'tadistill[quantization]'; CUDA GPUs only): a quarter / an eighth of its float32 memory.",
+    )
+    teacher_device_map: str | None = Field(
+        None, description="Spread the teacher over this process's GPUs with transformers' device_map ('auto', "
+        "'balanced', 'sequential'); null: the whole teacher on the process's device.",
+    )
     student: StudentConfig = StudentConfig()
     objectives: list[Objective] = Field(min_length=1, description="Loss terms, combined by their weights.")
     data: DataConfig = DataConfig()
@@ -497,6 +509,14 @@ class DistillConfig(_Strict):
                              "data.prompt_field for prompt / completion records")
         return self
 
+    @model_validator(mode="after")
+    def _quantized_teacher_keeps_its_weights(self) -> DistillConfig:
+        if self.teacher_quantization and self.student.init == "teacher" and self.student.pretrained is None:
+            raise ValueError(f"teacher_quantization={self.teacher_quantization} leaves no float weights to copy into "
+                             "the student: set student.init=random or student.pretrained (a smaller checkpoint of "
+                             "the family), or load the teacher unquantized (teacher_dtype=bfloat16)")
+        return self
+
     def _check_offline_signals(self) -> None:
         """Stored teacher outputs cover the dataset text only, at temperature 1, top-k for logits."""
         if self.on_policy.samples:
@@ -519,23 +539,3 @@ class DistillConfig(_Strict):
 RESUMABLE_FIELDS = {("train", "report_to"), ("student", "gradient_checkpointing"),
                     ("train", "stop_at"), ("train", "compile"), ("train", "lr"), ("train", "schedule"),
                     ("train", "min_lr_ratio"), ("train", "warmup_steps"), ("train", "warmup_ratio")}
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype the teacher's weights load in: 'auto' keeps the checkpoint's (most LLMs: bf16), "
-        "bfloat16 / float16 halve the memory of a float32 checkpoint. The student's master weights stay float32.",
-    )
-    teacher_quantization: Literal["8bit", "4bit"] | None = Field(
-        None, description="Load the teacher in 8-bit (LLM.int8) or 4-bit (NF4) with bitsandbytes (pip install "
-        "'tadistill[quantization]'; CUDA GPUs only): a quarter / an eighth of its float32 memory.",
-    )
-    teacher_device_map: str | None = Field(
-        None, description="Spread the teacher over this process's GPUs with transformers' device_map ('auto', "
-        "'balanced', 'sequential'); null: the whole teacher on the process's device.",
-    )
-    @model_validator(mode="after")
-    def _quantized_teacher_keeps_its_weights(self) -> DistillConfig:
-        if self.teacher_quantization and self.student.init == "teacher" and self.student.pretrained is None:
-            raise ValueError(f"teacher_quantization={self.teacher_quantization} leaves no float weights to copy into "
-                             "the student: set student.init=random or student.pretrained (a smaller checkpoint of "
-                             "the family), or load the teacher unquantized (teacher_dtype=bfloat16)")
-        return self
-
