@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def save_initial_student(config, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run_cell(name: str, overrides: list[str], out: Path) -> dict:
+def run_cell(name: str, overrides: list[str], out: Path, *, init_only: bool = False) -> dict:
     from tadistill.api import distill
     from tadistill.cli.main import DEMO_OVERRIDES, DEMO_RECIPE
     from tadistill.resolve import resolve_config
@@ -94,18 +96,29 @@ def run_cell(name: str, overrides: list[str], out: Path) -> dict:
     if not teacher_file.is_file():
         teacher_file.write_text(json.dumps(scores("builtin"), indent=1))
     config = resolve_config(DEMO_RECIPE, overrides=[*DEMO_OVERRIDES, *overrides])
-    # A student copied from the teacher is the same for every training seed; a random one is not.
-    seed = str(config.train.seed) if config.student.init == "random" else ""
+    # A student copied from the teacher is the same for every training seed; a random one is not, nor one
+    # sliced by importance (its calibration batches follow the seed's data order).
+    seed = "" if config.student.init == "teacher" else str(config.train.seed)
     student_keys = config.student.model_dump_json() + config.teacher + seed
     init_dir = out / "init" / hashlib.sha256(student_keys.encode()).hexdigest()[:12]
     init_file = init_dir / "scores.json"
     if not init_file.is_file():  # the same initial student for every cell that builds it
         save_initial_student(config, init_dir)
         init_file.write_text(json.dumps(scores(str(init_dir)), indent=1))
+    if init_only:  # e.g. slicing by importance against leading rows and columns: no training needed
+        row = {"name": name, "set": overrides, "seed": config.train.seed, "init": json.loads(init_file.read_text())}
+        with (out / "inits.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+    load_before = os.getloadavg()[0]
     began = time.perf_counter()
     result = distill(config, out=out / "cells" / name, overwrite=True, progress=False)
     seconds = round(time.perf_counter() - began, 1)
+    # The CPU is shared: the 1-minute load average before and after training says how much.
     row = {"name": name, "set": overrides, "seed": config.train.seed, "train_seconds": seconds,
+           "steps": config.train.steps, "s_per_step": round(seconds / config.train.steps, 2),
+           "load": [round(load_before, 2), round(os.getloadavg()[0], 2)], "threads": torch.get_num_threads(),
+           "command": " ".join(sys.argv),
            "heldout_loss": [result.summary.get("heldout_loss_start"), result.summary.get("heldout_loss_end")],
            "init": json.loads(init_file.read_text()), "final": scores(str(result.student_dir))}
     with (out / "results.jsonl").open("a") as f:
@@ -128,7 +141,7 @@ def table(out: Path) -> str:
         row = json.loads(line)
         init, final = row["init"], row["final"]
 
-        def change(key: str) -> str:
+        def change(key: str, init: dict = init, final: dict = final) -> str:
             return f"{init[key]:.4f} -> {final[key]:.4f} (±{final[key + '_std']:.4f})"
 
         lines.append(f"| {row['name']} | {row['train_seconds']:.0f} | {change(r)} | {paired(init, final, 'acc@1')} | "
@@ -164,6 +177,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl and exit")
+    parser.add_argument("--init-only", action="store_true",
+                        help="score the initial student only (appended to OUT/inits.jsonl), no training")
     parser.add_argument("--backfill", action="store_true", help="add per-seed retrieval scores missing from OUT")
     args = parser.parse_args()
     if args.table:
@@ -173,7 +188,7 @@ def main() -> None:
     if args.backfill:
         backfill(Path(args.out))
         return
-    row = run_cell(args.name, args.overrides, Path(args.out))
+    row = run_cell(args.name, args.overrides, Path(args.out), init_only=args.init_only)
     print(json.dumps(row, indent=1))
 
 

@@ -50,10 +50,12 @@ class StudentConfig(_Strict):
     intermediate_size: int | None = Field(
         None, ge=1, description="FFN width; null keeps the teacher's ratio (4x for BERT) when the width changes."
     )
-    init: Literal["random", "teacher"] = Field(
+    init: Literal["random", "teacher", "importance"] = Field(
         "random",
         description="'random' weights, or 'teacher': copy the selected teacher blocks, sliced to the "
-        "student's width (leading rows and columns, leftmost heads).",
+        "student's width (leading rows and columns, leftmost heads), or 'importance': the same blocks, "
+        "keeping the heads, FFN units and hidden channels with the largest activations on "
+        "prune.calibration_batches training batches (Minitron's scores; whole heads: keep the head width).",
     )
     init_layers: Literal["first", "every-other", "uniform"] | list[int] = Field(
         "uniform",

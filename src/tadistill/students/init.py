@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from transformers.pytorch_utils import Conv1D
 
 from tadistill.capture.architectures import Architecture, get_module, resolve_architecture
 from tadistill.errors import ConfigError, ModelError, did_you_mean
+from tadistill.structure.activations import activation_scores
+from tadistill.structure import Scores, TargetShape, check_target, materialize, resolve_layout, select_units
 
 INIT_LAYER_STRATEGIES = ("first", "every-other", "uniform", "explicit")
 
@@ -256,3 +259,47 @@ def _narrow(source: torch.Tensor, shape: Sequence[int], heads: dict[int, torch.T
         elif size < source.shape[dim]:
             source = source.narrow(dim, 0, size)
     return source
+
+
+def init_by_importance(
+    student: PreTrainedModel, teacher: PreTrainedModel, layers: list[int], batches
+) -> InitReport:
+    """Like ``init_from_teacher``, but a narrower student keeps the teacher's MOST IMPORTANT units.
+
+    Which units: Minitron's activation importance (Muralidharan et al. 2024, sec. 2.2; the scores of
+    ``structure/activations.py`` over ``batches`` of (B, T) ``input_ids`` / ``attention_mask``): in every
+    block of ``layers`` the attention heads with the largest output norms and the FFN units with the
+    largest activations, and the hidden channels with the largest LayerNorm outputs. Leading rows and
+    columns (``init_from_teacher``) keep channels picked by their index, which for a trained model is
+    arbitrary: a 192-wide slice of the 384-wide built-in teacher starts near chance on retrieval
+    (issue 18). Depth still follows ``layers`` (the student's ``init_layers``), not block importance,
+    so ``init`` changes only how the width is narrowed.
+
+    The student must keep the teacher's head width (fewer heads, not narrower ones): structured pruning
+    keeps whole heads (``structure/``).
+
+    Raises:
+        ConfigError: ``layers`` not strictly increasing, a student head width other than the teacher's,
+            or a shape the teacher cannot be pruned to.
+    """
+    layers = list(layers)
+    if any(b <= a for a, b in pairwise(layers)):
+        raise ConfigError(f"init=importance keeps distinct teacher blocks in order, got {layers}: use "
+                          "student.init_layers=uniform (or an increasing list), or init=teacher")
+    s_arch, layout = resolve_architecture(student), resolve_layout(teacher)
+    if s_arch.head_dim != layout.head_dim:
+        raise ConfigError(
+            f"init=importance keeps whole teacher heads of width {layout.head_dim}, but the student's heads are "
+            f"{s_arch.head_dim} wide: set student.num_heads={max(1, s_arch.hidden_size // layout.head_dim)}")
+    target = TargetShape(num_layers=len(layers), hidden_size=s_arch.hidden_size, num_heads=s_arch.num_heads,
+                         num_kv_heads=s_arch.num_kv_heads,
+                         intermediate_size=getattr(student.config, layout.ffn_attribute))
+    check_target(layout, target)
+    scores = activation_scores(teacher, layout, batches)
+    # Depth from ``layers``: a one-hot block score makes select_units keep exactly those blocks.
+    chosen = torch.zeros(layout.num_layers)
+    chosen[torch.as_tensor(layers, dtype=torch.long)] = 1.0
+    masks = select_units(Scores(heads=scores.heads, ffn=scores.ffn, hidden=scores.hidden, blocks=chosen),
+                         layout, target)
+    pruned = materialize(teacher, layout, masks)  # teacher's class, the student's shape
+    return init_from_teacher(student, pruned, list(range(len(layers))))

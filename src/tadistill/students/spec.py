@@ -5,7 +5,8 @@ from __future__ import annotations
 from tadistill.config import DistillConfig
 from tadistill.loading import check_same_vocabulary, load_pretrained, load_tokenizer
 from tadistill.students.build import build_student, config_shape, student_config
-from tadistill.students.init import init_from_teacher, select_layers
+from tadistill.students.calibration import calibration_batches
+from tadistill.students.init import init_by_importance, init_from_teacher, select_layers
 
 
 def build_student_from_spec(config: DistillConfig, teacher, tokenizer, *, head: str):
@@ -30,8 +31,13 @@ def build_student_from_spec(config: DistillConfig, teacher, tokenizer, *, head: 
         teacher.config, num_layers=layers, hidden_size=hidden, num_heads=sc.num_heads, intermediate_size=intermediate
     )
     student = build_student(cfg, head=head)
-    if sc.init == "teacher":
+    if sc.init in ("teacher", "importance"):
         explicit = sc.init_layers if isinstance(sc.init_layers, list) else None
         strategy = "explicit" if explicit is not None else sc.init_layers
-        init_from_teacher(student, teacher, select_layers(strategy, layers, shape.layers, explicit))
+        chosen = select_layers(strategy, layers, shape.layers, explicit)
+        if sc.init == "teacher":
+            init_from_teacher(student, teacher, chosen)
+        else:
+            positions = getattr(teacher.config, "max_position_embeddings", None)
+            init_by_importance(student, teacher, chosen, calibration_batches(config, tokenizer, max_positions=positions))
     return student
