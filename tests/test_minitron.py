@@ -1,4 +1,4 @@
-"""Minitron (methods/minitron.py, training/prune.py, recipe minitron): importance from activations, a prune
+"""Minitron (structure/activations.py, training/prune.py, recipe minitron): importance from activations, a prune
 stage into the student's shape, then distillation; end to end through the CLI on tiny random models."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tadistill.cli.main import main
 from tadistill.measure.parameters import count_parameters
-from tadistill.methods.minitron import activation_scores
+from tadistill.structure.activations import activation_scores
 from tadistill.structure import Kept, TargetShape, resolve_layout, select_units
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tadistill import config as C
-from tadistill.methods import ammd, distillm, minitron, on_policy
+from tadistill.methods import ammd, distillm, on_policy
+from tadistill.structure import activations
 from tadistill.training import terms as T
 from tadistill.training.embedding_term import SentenceEmbeddingTerm
 
@@ -110,7 +111,7 @@ class PruningEntry:
 
 PRUNING: dict[str, PruningEntry] = {
     "minitron": PruningEntry(
-        minitron.activation_scores, "Muralidharan et al. 2024 (Minitron), sec. 2.2; Sreenivas et al. 2024"
+        activations.activation_scores, "Muralidharan et al. 2024 (Minitron), sec. 2.2; Sreenivas et al. 2024"
     ),
 }
 

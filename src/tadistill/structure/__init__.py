@@ -3,7 +3,8 @@ AutoDistil): which units exist and where (``units.py``), masks over them applied
 weights (``masks.py``), keeping the most important ones to reach a target shape (``select.py``), and
 materialisation: the dense, smaller Hugging Face model a set of kept units describes (``materialize.py``).
 
-A method only decides *scores* (activations, learned gates, compactor norms, a search); the rest is here.
+A method only decides *scores* (activations, learned gates, compactor norms, a search); the rest is here, with
+the scores that need nothing but a model and batches: Minitron's importance from activations (``activations.py``).
 """
 
 from __future__ import annotations
