@@ -15,10 +15,12 @@ Layer numbering, used everywhere:
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tadistill.errors import did_you_mean
 from tadistill.objectives.layer_maps import STRATEGIES as MAPPING_STRATEGIES
 
 BUILTIN_TEACHER = "builtin"
@@ -250,13 +252,48 @@ Objective = Annotated[
 # ---------------------------------------------------------------------------------------- data/train
 
 
+_LANGUAGE_CODE = r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"  # ISO 639 with an optional BCP 47 region / script
+
+
+class SourceSpec(_Strict):
+    """One corpus of a mixture (``data.source: [{path: ..., weight: 0.7}, {path: ..., language: de}]``)."""
+
+    path: str = Field(description="'builtin', a .txt/.jsonl/.parquet/.csv file, a folder of them or a hub dataset name.")
+    weight: float | None = Field(
+        None, gt=0.0,
+        description="Sampling weight (normalised over the sources); null everywhere: proportional to size.",
+    )
+    language: str | None = Field(
+        None, pattern=_LANGUAGE_CODE,
+        description="Language code (en, de, zh-Hans): sources of one language pool for data.alpha sampling.",
+    )
+
+
+_SOURCE_KEYS = ("path", "weight", "language")
+
+
 class DataConfig(_Strict):
     """Unlabeled text: where it comes from and how it becomes batches."""
 
-    source: str | list[str] = Field(
+    source: str | list[str | SourceSpec] = Field(
         "builtin",
         description="'builtin' (English prose from the Python docs), a .txt/.jsonl/.parquet file, a folder "
-        "of them, a Hugging Face dataset name, or a list of these (e.g. one corpus per language).",
+        "of them, a Hugging Face dataset name, or a list of these (e.g. one corpus per language); a list "
+        "entry may be {path, weight, language} to mix sources by weight (data/mixture.py).",
+    )
+    alpha: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Language smoothing: language i is drawn with probability n_i^alpha / sum_j n_j^alpha "
+        "(n: training tokens; Conneau & Lample 2019: 0.3 in XLM-R, 0.7 mBERT-style); needs a language per source.",
+    )
+    prepared: str | None = Field(
+        None,
+        description="Folder of memory-mapped token shards (written by `tadistill prepare`, or here on first use): "
+        "training reads them with flat host memory.",
+    )
+    stream_above_mb: float = Field(
+        1024.0, gt=0.0,
+        description="Local sources larger than this are streamed into token shards under cache_dir on first use.",
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/hub datasets.")
     split: str = Field("train", description="Split of a hub dataset.")
@@ -277,6 +314,51 @@ class DataConfig(_Strict):
         "prompt, the rest is distilled (and re-sampled by on-policy training).",
     )
     cache_dir: str | None = Field(None, description="Tokenized-corpus cache; default ~/.cache/tadistill.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_entries(cls, value):
+        # Checked by hand for one-line messages: pydantic reports a bad entry once per branch of the union.
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("an empty list: name at least one corpus")
+        for i, entry in enumerate(value):
+            if isinstance(entry, dict):
+                unknown = [k for k in entry if k not in _SOURCE_KEYS]
+                if unknown:
+                    raise ValueError(f"entry {i} has an unknown key {unknown[0]!r}"
+                                     f"{did_you_mean(str(unknown[0]), _SOURCE_KEYS)}: use {', '.join(_SOURCE_KEYS)}")
+                if "path" not in entry:
+                    raise ValueError(f"entry {i} has no path: give each source a path")
+                weight = entry.get("weight")
+                if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                           or not weight > 0):
+                    raise ValueError(f"entry {i} weight must be a positive number, got {weight!r}")
+                language = entry.get("language")
+                if language is not None and not (isinstance(language, str) and re.match(_LANGUAGE_CODE, language)):
+                    raise ValueError(f"entry {i} language {language!r} is not a language code: use one like en, de, "
+                                     "pt-BR")
+            elif not isinstance(entry, (str, SourceSpec)):
+                raise ValueError(f"entry {i} must be a name or {{path, weight, language}}, got {entry!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _mixture_settings(self) -> DataConfig:
+        entries = self.source if isinstance(self.source, list) else [self.source]
+        specs = [s for s in entries if isinstance(s, SourceSpec)]
+        weighted = [isinstance(s, SourceSpec) and s.weight is not None for s in entries]
+        if any(weighted) and not all(weighted):
+            raise ValueError("give every data.source entry a weight, or none (sampling proportional to size)")
+        if self.alpha is not None:
+            if any(weighted):
+                raise ValueError("data.alpha sets the languages' probabilities: drop the sources' weights, or alpha")
+            if len(specs) != len(entries) or any(s.language is None for s in specs):
+                raise ValueError("data.alpha samples by language: give every data.source entry a language "
+                                 "({path: ..., language: de})")
+        if self.prompt_field and (any(weighted) or self.alpha is not None):
+            raise ValueError("prompt / completion data is not mixed by weight: drop the weights and data.alpha")
+        return self
 
 
 class TrainConfig(_Strict):

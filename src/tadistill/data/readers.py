@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,8 @@ from typing import Any, NamedTuple
 from tadistill.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".csv")  # every file type there is a reader for
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")  # what separates paragraphs of a .txt file (see _txt_records)
+_PARQUET_BATCH = 4096  # rows per read of a .parquet file
 # Prefixes that make a string a path, never a hub name: asking the hub about "./data.txt" only
 # delays the error and makes it less clear.
 _PATH_PREFIXES = ("/", "./", "../", "~", "\\")
@@ -66,17 +68,20 @@ class Field(NamedTuple):
 
 
 def read_records(
-    source: str, kind: DataKind, fields: Sequence[Field], *, split: str = "train"
+    source: str, kind: DataKind, fields: Sequence[Field], *, split: str = "train", streaming: bool = False
 ) -> Iterator[dict[str, Any]]:
     """Yield one dict {field name: value} per record of ``source`` (see the module docstring).
 
     ``split`` is used for hub datasets only. A ``.txt`` file gives records of ``fields[0]`` only, so it
     belongs in ``kind.suffixes`` only for single-field reads. Raises DataError (one line) when the
-    source is missing, unreadable, of another type, or lacks a field.
+    source is missing, unreadable, of another type, or lacks a field. Local files are always read
+    lazily (a line, a paragraph or a row group at a time); ``streaming=True`` reads a hub dataset with
+    ``datasets``' streaming mode too (record by record, nothing downloaded whole), and a dataset that
+    cannot be streamed is a DataError.
     """
     path = local_path(source, kind)
     if path is None:
-        yield from _hub_records(source, kind, fields, split)
+        yield from (_hub_stream(source, kind, fields, split) if streaming else _hub_records(source, kind, fields, split))
         return
     for file in source_files(source, path, kind):
         yield from _file_records(file, kind, fields)
@@ -163,11 +168,25 @@ def _file_records(path: Path, kind: DataKind, fields: Sequence[Field]) -> Iterat
 
 
 def _txt_records(path: Path, where: str, fields: Sequence[Field]) -> Iterator[dict[str, Any]]:
+    """Paragraphs, read line by line (a file of any size costs one paragraph of memory).
+
+    A line of only spaces and tabs ends a paragraph; the paragraph is its lines joined by newlines (the
+    text between two matches of ``_PARAGRAPH_BREAK`` in the whole file, up to surrounding whitespace;
+    runs of blank lines give empty paragraphs, which the corpus drops).
+    """
     if len(fields) != 1:
         raise DataError(f"{where} is plain text, without fields: use .jsonl, .parquet or .csv files")
     name = fields[0].name
-    for paragraph in _PARAGRAPH_BREAK.split(path.read_text(encoding="utf-8").replace("\r\n", "\n")):
-        yield {name: paragraph}
+    lines: list[str] = []
+    with path.open(encoding="utf-8") as f:  # universal newlines: \r\n and \r read as \n
+        for line in f:
+            line = line.removesuffix("\n")
+            if line.strip(" \t"):
+                lines.append(line)
+            else:
+                yield {name: "\n".join(lines)}
+                lines = []
+    yield {name: "\n".join(lines)}
 
 
 def _jsonl_records(path: Path, where: str, fields: Sequence[Field]) -> Iterator[dict[str, Any]]:
@@ -194,8 +213,10 @@ def _parquet_records(path: Path, where: str, fields: Sequence[Field]) -> Iterato
     import pyarrow.parquet as pq  # installed with `datasets`; imported lazily, it is slow to import
 
     _check_columns(where, fields, pq.read_schema(path).names)
-    table = pq.read_table(path, columns=list(dict.fromkeys(f.name for f in fields)))
-    yield from _column_records(where, fields, {f.name: table.column(f.name).to_pylist() for f in fields})
+    columns = list(dict.fromkeys(f.name for f in fields))
+    # A batch of rows at a time: a file of any size costs one batch of memory.
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+        yield from _column_records(where, fields, {f.name: batch.column(f.name).to_pylist() for f in fields})
 
 
 def _csv_records(path: Path, where: str, fields: Sequence[Field]) -> Iterator[dict[str, Any]]:
@@ -220,6 +241,35 @@ def _hub_records(source: str, kind: DataKind, fields: Sequence[Field], split: st
     where = f"dataset {source!r}"
     _check_columns(where, fields, list(dataset.column_names))
     yield from _column_records(where, fields, {f.name: dataset[f.name] for f in fields})
+
+
+def _hub_stream(source: str, kind: DataKind, fields: Sequence[Field], split: str) -> Iterator[dict[str, Any]]:
+    """Records of a hub dataset in ``datasets``' streaming mode, checked one by one."""
+    name, _, config = source.partition(":")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        records = iter(dataset)
+        first = next(records, None)
+    except Exception as exc:  # offline, unknown name, or a loader without streaming support
+        raise DataError(
+            f"{kind.what} {source!r} cannot be streamed: it is not a local file or folder and the Hugging Face "
+            f"hub could not stream it ({short_reason(exc)}); save it as .jsonl or .parquet files and point at them"
+        ) from exc
+    where = f"dataset {source!r}"
+    if first is None:
+        return
+    _check_columns(where, fields, list(first))
+    for number, record in enumerate(itertools.chain([first], records), start=1):
+        for field in fields:
+            value = record.get(field.name)
+            if value is not None and not isinstance(value, str):
+                raise DataError(
+                    f"{where} record {number} field {field.name!r} holds {type(value).__name__}, not text: set "
+                    f"{field.setting} to a text field"
+                )
+        yield {field.name: record.get(field.name) for field in fields}
 
 
 def _check_columns(where: str, fields: Sequence[Field], names: list[str]) -> None:

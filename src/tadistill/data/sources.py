@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from tadistill.data.builtin import BUILTIN_CORPUS_VERSION, builtin_texts
 from tadistill.data.readers import DataKind, Field, fingerprint, read_records
@@ -29,6 +32,34 @@ SUFFIXES = (".txt", ".jsonl", ".parquet", ".csv")
 CORPUS = DataKind("corpus", SUFFIXES, "check the path, or give a Hugging Face dataset name or 'builtin'")
 
 
+@dataclass(frozen=True)
+class SourceEntry:
+    """One source of ``data.source``: its name, sampling weight (None: by size) and language (None: unknown)."""
+
+    path: str
+    weight: float | None = None
+    language: str | None = None
+
+
+def source_entries(source: Any) -> list[SourceEntry]:
+    """``data.source`` (a name, or a list of names and ``{path, weight, language}`` entries) as a list."""
+    items = source if isinstance(source, (list, tuple)) else [source]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(SourceEntry(item))
+        elif isinstance(item, dict):
+            out.append(SourceEntry(item["path"], item.get("weight"), item.get("language")))
+        else:  # config.SourceSpec
+            out.append(SourceEntry(item.path, item.weight, item.language))
+    return out
+
+
+def source_paths(source: Any) -> list[str]:
+    """The names of ``data.source``'s sources, in order (weights and languages left out)."""
+    return [entry.path for entry in source_entries(source)]
+
+
 def load_texts(source: str, *, text_field: str = "text", split: str = "train") -> list[str]:
     """Load the corpus named by ``source`` as a list of non-empty, stripped texts.
 
@@ -36,20 +67,34 @@ def load_texts(source: str, *, text_field: str = "text", split: str = "train") -
     datasets (``.txt`` files and the built-in corpus ignore it); ``split`` is used for hub datasets only.
     Raises DataError when the source cannot be found or read, or holds no text.
     """
+    return list(iter_texts(source, text_field=text_field, split=split))
+
+
+def iter_texts(
+    source: str, *, text_field: str = "text", split: str = "train", streaming: bool = False
+) -> Iterator[str]:
+    """The texts of ``source`` one at a time, stripped, empty ones dropped (``load_texts`` lazily).
+
+    ``streaming=True`` streams hub datasets too (``datasets``' streaming mode); local files are always
+    read lazily. Raises DataError as ``load_texts`` does, once the stream ends without any text.
+    """
     if source == BUILTIN:
-        texts = builtin_texts()
+        raw: Iterable[str | None] = builtin_texts()
     else:
-        records = read_records(source, CORPUS, [_text(text_field)], split=split)
-        texts = [r[text_field] for r in records if r[text_field] is not None]
-    texts = [t.strip() for t in texts]
-    texts = [t for t in texts if t]
-    if not texts:
+        records = read_records(source, CORPUS, [_text(text_field)], split=split, streaming=streaming)
+        raw = (r[text_field] for r in records)
+    empty = True
+    for text in raw:
+        text = text.strip() if text is not None else ""
+        if text:
+            empty = False
+            yield text
+    if empty:
         where = "" if source == BUILTIN else f" (field {text_field!r})"
         raise DataError(
             f"corpus {source!r} is empty: it holds no non-empty text{where}; "
             "point the corpus at files with text, or use 'builtin'"
         )
-    return texts
 
 
 def source_fingerprint(source: str, *, text_field: str = "text", split: str = "train") -> str:

@@ -89,11 +89,18 @@ class SequenceSet:
 
 @dataclass
 class CorpusSplits:
-    """The tokenized corpus: training sequences, held-out sequences and the raw held-out texts."""
+    """The tokenized corpus: training sequences, held-out sequences and the raw held-out texts.
+
+    ``train`` and ``heldout`` are ``SequenceSet``s in memory, or anything with the same index-based
+    contract (``len``, ``[i]``, ``prompt_length(i)``, ``num_tokens()``): memory-mapped shards
+    (``shards.ShardSet``) and mixtures of sources (``mixture.MixtureSet``). ``mixture``: for several
+    sources, what each is drawn with (target probability, realised fraction; per language too), else None.
+    """
 
     train: SequenceSet
     heldout: SequenceSet
     heldout_texts: list[str]  # raw held-out texts (for sentence-embedding fidelity checks)
+    mixture: dict[str, Any] | None = None
 
 
 def tokenize_corpus(
