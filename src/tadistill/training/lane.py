@@ -28,6 +28,7 @@ from tadistill.students.spec import build_student_from_spec
 from tadistill.training.hooks import MethodHooks, overrides
 from tadistill.training.rundir import RunDir
 from tadistill.training.terms import NORMALIZERS, ModelOutputs, Term, merge_requests
+from tadistill.training.trackers import check_trackers
 
 # Settings every lane of one pass must share: they define the batches and the step count.
 SHARED_TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "seed", "eval_every", "eval_batches", "save_every",
@@ -268,6 +269,7 @@ def build_lane(name: str, config: DistillConfig, run: RunDir, *, teacher: nn.Mod
     weights and stream whether it is built alone or among others.
     """
     check_objectives(config, teacher_arch, tokenizer)
+    check_trackers(config.train.report_to)  # a missing tracker package: refused before the run directory exists
     set_seed(config.train.seed)
     student = build_student_from_spec(config, teacher, tokenizer, head=student_head(config, teacher_arch))
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):

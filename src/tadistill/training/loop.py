@@ -49,6 +49,7 @@ from tadistill.training.lane import Lane, _rng_state, _set_rng_state, check_shar
 from tadistill.training.sampling import sample_continuations
 from tadistill.training.signals import Interrupted, StopSignals
 from tadistill.training.teacher_cache import TeacherSignals
+from tadistill.training.trackers import Trackers
 from tadistill.training.terms import NORMALIZERS, ModelOutputs, merge_requests
 
 
@@ -215,7 +216,7 @@ class Trainer:
             lane.model, lane.optimizer = accelerator.prepare(lane.distiller, lane.optimizer)
         self.tokens_seen = 0
         self.captured: dict[str, Captured] = {}  # lane -> its student's capture, while the loop's context is open
-        self.writers: dict[str, SummaryWriter] = {}
+        self.writers: dict[str, Trackers] = {}  # lane -> its trackers (train.report_to), main process only
 
     # ------------------------------------------------------------------------------------- batches
 
@@ -443,7 +444,8 @@ class Trainer:
             for lane in self.lanes:
                 # Rows logged after the checkpoint (or by an attempt killed before any) are replayed exactly.
                 lane.run.truncate_metrics(start_step if ckpt is not None else -1)
-                self.writers[lane.name] = SummaryWriter(str(lane.run.tensorboard))
+                self.writers[lane.name] = Trackers(lane.config.train.report_to, lane.run.root,
+                                                   config=lane.config.model_dump(mode="json"))
         stop_at = min(tc.steps, tc.stop_at or tc.steps)
         result = LoopResult(start_step=start_step, final_step=start_step)
         last_good = ckpt
@@ -540,9 +542,7 @@ class Trainer:
         lane.run.log(row)
         writer = self.writers.get(lane.name)
         if writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, row["step"])
+            writer.log(row)  # the numbers of the row, at its step, to every tracker
 
     def _log_eval(self, step: int, t_cap: Captured, result: LoopResult) -> None:
         for name, values in self.evaluate(t_cap).items():
