@@ -60,19 +60,33 @@ class Distiller(nn.Module):
             hidden = parts.base(**inputs).last_hidden_state  # (B, T, d)
             student = ModelOutputs(captured, None, hidden, parts.output_layer if self.needs_causal_head else None)
         else:
-            out = self.student(**inputs)
+            out = forward_module(self.student, logits=self.needs_logits)(**inputs)
             student = ModelOutputs(captured, out.logits if self.needs_logits else None)
         return torch.stack([term(student, teacher, batch).float() for term in self.terms])  # (n_terms,) sums
 
 
-def compile_forward(model: nn.Module) -> None:
-    """torch.compile, in place, the module whose forward the loop calls (causal LMs: the base model).
+def forward_module(model: nn.Module, *, logits: bool) -> nn.Module:
+    """The module a forward needs: the whole model when its logits are read, else its base model.
+
+    A teacher loaded with its masked-LM head for a study's OD lane, or a student that keeps one, runs it only
+    for the forwards whose logits are read: the head's transform and vocabulary projection (2 d V FLOPs per
+    token, about a 6x384 body's cost at V = 30k) are skipped elsewhere. Exact: the base model's outputs and the
+    captured internals are the same (tests/test_forward_module.py).
+    """
+    base = getattr(model, "base_model", model)
+    return model if logits or base is None else base
+
+
+def compile_forward(model: nn.Module, *, logits: bool = True) -> None:
+    """torch.compile, in place, the module whose forward the loop calls (``forward_module``; causal LMs: the
+    base model).
 
     ``nn.Module.compile`` keeps parameter names, so checkpoints and ``save_pretrained`` are unchanged. The
     capture hooks live on submodules and are traced into the graph; a different capture request (for
     example in evaluation) recompiles.
     """
-    target = causal_lm_parts(model).base if resolve_architecture(model).causal else model
+    causal = resolve_architecture(model).causal
+    target = causal_lm_parts(model).base if causal else forward_module(model, logits=logits)
     # Models of one architecture share one forward function, compiled once per variant: grad mode
     # (training, no_grad evaluation, the teacher's inference_mode) x shapes x models. A study of several
     # students exceeds dynamo's default of 8 and would fall back to eager silently.

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from tadistill.capture.architectures import Architecture
@@ -45,12 +44,19 @@ from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
 from tadistill.training.checkpoint import restore_checkpoint, save_checkpoint
 from tadistill.training.hooks import SAMPLED_BY, ContinuationRequest, seed_for
-from tadistill.training.lane import Lane, _rng_state, _set_rng_state, check_shared, compile_forward
+from tadistill.training.lane import (
+    Lane,
+    _rng_state,
+    _set_rng_state,
+    check_shared,
+    compile_forward,
+    forward_module,
+)
 from tadistill.training.sampling import sample_continuations
 from tadistill.training.signals import Interrupted, StopSignals
 from tadistill.training.teacher_cache import TeacherSignals
-from tadistill.training.trackers import Trackers
 from tadistill.training.terms import NORMALIZERS, ModelOutputs, merge_requests
+from tadistill.training.trackers import Trackers
 
 
 @dataclass
@@ -207,10 +213,10 @@ class Trainer:
                 dtype = None
             self.teacher.to(accelerator.device, dtype=dtype)
             if self.cfg.train.compile:
-                compile_forward(self.teacher)
+                compile_forward(self.teacher, logits=bool(self.logit_variants))  # mixed: the base runs eager
         for lane in lanes:
             if self.cfg.train.compile:
-                compile_forward(lane.student)
+                compile_forward(lane.student, logits=lane.distiller.needs_logits)
             # The schedule is not prepared: we step it once per optimizer step (a prepared scheduler would step
             # once per process), and it is checkpointed with the lane's own state (Lane.state_dict).
             lane.model, lane.optimizer = accelerator.prepare(lane.distiller, lane.optimizer)
@@ -283,7 +289,9 @@ class Trainer:
                 parts = causal_lm_parts(self.teacher)
                 hidden = parts.base(**_inputs(batch)).last_hidden_state  # (B, T, d_T); no (B, T, V) logits
             else:
-                out = self.teacher(**_inputs(batch))
+                # A study of OD beside HS / MHA: the clean-text forward skips the MLM head that only the
+                # masked-text lanes read (the vocabulary projection costs about as much as a 6x384 body).
+                out = forward_module(self.teacher, logits=masked in self.logit_variants)(**_inputs(batch))
         if self.causal:
             if not self.teacher_head:
                 return ModelOutputs(captured.clone())
