@@ -83,3 +83,23 @@ def test_pseudo_logits_rebuild_the_stored_buckets():
     torch.testing.assert_close(pseudo.gather(-1, top.indices), top.values)
     outside = torch.logsumexp(pseudo.scatter(-1, top.indices, float("-inf")), -1, keepdim=True)
     torch.testing.assert_close(outside, rest)
+
+
+def test_caching_runs_the_teacher_only_up_to_the_block_read(tiny_args, tiny_teacher_no_dropout, tmp_path, monkeypatch):
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    ran: set[int] = set()
+    original = BertLayer.forward
+
+    def counted(self, *args, **kwargs):
+        ran.add(id(self))
+        return original(self, *args, **kwargs)
+
+    args = tiny_args("train.steps=2", "objectives.minilmv2.relation_heads=4", "objectives.minilmv2.teacher_layer=2",
+                     teacher=tiny_teacher_no_dropout)
+    monkeypatch.setattr(BertLayer, "forward", counted)
+    assert main(["cache-teacher", "minilmv2", *args, "--out", str(tmp_path / "signals"), "--no-progress"]) == 0
+    assert len(ran) == 2  # blocks 1 and 2 of 4: the relations come from block 2
+    monkeypatch.setattr(BertLayer, "forward", original)
+    live, cached = _run_both("minilmv2", args, tmp_path / "both")
+    _assert_close(live, cached, rtol=2e-3)

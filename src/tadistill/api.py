@@ -18,9 +18,15 @@ from typing import Any
 
 from tadistill.config import DistillConfig
 from tadistill.fileio import atomic_write_text
-from tadistill.training.rundir import RunDir
 from tadistill.training.prune import prune_run
-from tadistill.training.setup import Cell, RunSetup, new_accelerator, signal_spec
+from tadistill.training.rundir import RunDir
+from tadistill.training.setup import (
+    Cell,
+    RunSetup,
+    new_accelerator,
+    signal_spec,
+    teacher_cut,
+)
 from tadistill.training.stages import MODULES_FILE, Stage, expand_stages
 
 
@@ -150,9 +156,9 @@ def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = Tr
 
     from tadistill.data.batches import collate
     from tadistill.data.prepare import prepare_corpus
-    from tadistill.training.loop import TokenizerInfo
     from tadistill.teachers.causal import ensure_builtin_teacher, models_named
     from tadistill.teachers.mlm_head import ensure_builtin_mlm_teacher
+    from tadistill.training.loop import TokenizerInfo
     from tadistill.training.teacher_cache import signal_meta, write_teacher_signals
 
     ensure_builtin_teacher(*models_named(config), progress=progress)
@@ -162,9 +168,13 @@ def cache_teacher(config: DistillConfig, *, out: str | Path, progress: bool = Tr
                             max_positions=getattr(teacher.config, "max_position_embeddings", None))
     tok = TokenizerInfo.of(tokenizer)
     total = len(splits.train) + len(splits.heldout)
-    with tqdm(total=total, desc="teacher signals", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
+    # Like training, the teacher runs only up to the deepest block the stored signals come from (none above it is
+    # read), unless logits are stored.
+    deepest = None if spec.topk is not None else max((*spec.hidden, *spec.qkv), default=0)
+    with tqdm(total=total, desc="teacher signals", unit="seq", disable=not progress, dynamic_ncols=True) as bar, \
+            teacher_cut(teacher, t_arch, deepest) as cut:
         path = write_teacher_signals(
-            Path(out), teacher=teacher, arch=t_arch, sequences={"train": splits.train, "heldout": splits.heldout},
+            Path(out), teacher=teacher, arch=cut, sequences={"train": splits.train, "heldout": splits.heldout},
             collate=lambda items: collate(items, pad_id=tok.pad_id, special_ids=tok.special_ids),
             spec=spec, meta=signal_meta(config, teacher.config),
             batch_size=config.train.batch_size, device="cuda" if torch.cuda.is_available() else "cpu",

@@ -37,15 +37,26 @@ from tadistill.data.batches import BatchOrder
 from tadistill.data.prepare import prepare_corpus
 from tadistill.data.tokenized import CorpusSplits
 from tadistill.errors import ConfigError, TadistillError
-from tadistill.measure.parameters import count_parameters
+from tadistill.loading import (
+    is_causal_lm,
+    load_model_config,
+    load_pretrained,
+    load_tokenizer,
+    teacher_load_options,
+)
 from tadistill.measure.embeddings import TeacherEmbeddings
-from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, teacher_load_options
+from tadistill.measure.parameters import count_parameters
 from tadistill.registry import traits
 from tadistill.training.lane import Lane, build_lane
 from tadistill.training.loop import LoopResult, TokenizerInfo, Trainer
 from tadistill.training.pipeline import SUMMARY_TEXTS, finish_lane, start_cosine
 from tadistill.training.rundir import RunDir
-from tadistill.training.teacher_cache import SignalSpec, TeacherSignals, lane_signal_spec, signal_meta
+from tadistill.training.teacher_cache import (
+    SignalSpec,
+    TeacherSignals,
+    lane_signal_spec,
+    signal_meta,
+)
 
 
 def new_accelerator(precision: str) -> Accelerator:
@@ -205,8 +216,15 @@ def blocks_read_only(teacher, arch, lanes: list[Lane]):
     no objective reads, is not run) for the duration of training and put back afterwards, so the summary's
     cosine sees the whole teacher. Exact: blocks below never see the ones above (tested equal).
     """
-    deepest = deepest_block_read(lanes) if teacher is not None else None
-    if deepest is None or deepest >= arch.num_layers:
+    with teacher_cut(teacher, arch, deepest_block_read(lanes) if teacher is not None else None) as cut:
+        yield cut
+
+
+@contextmanager
+def teacher_cut(teacher, arch, deepest: int | None):
+    """The teacher with its blocks above ``deepest`` (and its pooler) removed for the block; yields its
+    architecture. None or a depth >= the teacher's: the whole teacher. Used by training and cache-teacher."""
+    if teacher is None or deepest is None or deepest >= arch.num_layers:
         yield arch
         return
     deepest = max(deepest, 1)

@@ -45,6 +45,7 @@ from tadistill.capture.hooks import Captured, CaptureRequest, capture
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import ConfigError, DataError
 from tadistill.fileio import atomic_write_text
+from tadistill.training.lane import forward_module
 from tadistill.training.terms import ModelOutputs
 
 FORMAT = 1
@@ -90,7 +91,7 @@ def _batch_signals(teacher, arch, captured: Captured, batch: dict[str, Tensor], 
         out["topk_logprobs"] = torch.cat([torch.cat(values), torch.cat(rests)], dim=-1).to(dtype)  # (N, k + 1)
         out["topk_ids"] = torch.cat(ids)  # (N, k)
     else:
-        teacher(**inputs)
+        forward_module(teacher, logits=False)(**inputs)  # only captured internals are stored: no head runs
     for i in spec.hidden:
         out[f"hidden.{i}"] = _rows(captured.hidden[i], attention).to(dtype)
     for layer in spec.qkv:
