@@ -305,7 +305,9 @@ class DataConfig(_Strict):
     prompt_field: str | None = Field(
         None,
         description="Prompt / completion data (causal LMs): the field holding the prompt in .jsonl / .parquet / "
-        ".csv / hub data; only completion tokens are distilled.",
+        ".csv / hub data; only completion tokens are distilled. Chat data: the field holding a list of {role, "
+        "content} messages (e.g. messages): each assistant turn is distilled after the conversation before it, both "
+        "rendered with the tokenizer's chat template (data/chat.py).",
     )
     completion_field: str = Field("completion", description="The field holding the completion (with prompt_field).")
     prompt_tokens: int | None = Field(

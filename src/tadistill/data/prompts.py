@@ -4,7 +4,10 @@ GKD (Agarwal et al. 2024, section 3) distills only the completion: the student s
 on-policy steps replace the dataset completion by one the student samples. Two ways to get prompts:
 
 - :func:`load_pairs` + :func:`tokenize_pairs`: a dataset with a prompt and a completion per row;
-- :func:`split_prompts`: plain text, whose first N tokens are used as the prompt.
+- :func:`split_prompts`: plain text, whose first N tokens are used as the prompt;
+- chat records, whose prompt field holds a list of messages: :func:`load_pairs` gives one
+  :class:`~tadistill.data.chat.ChatTurn` per assistant turn and :func:`tokenize_pairs` renders them with the
+  tokenizer's chat template (:mod:`tadistill.data.chat`).
 
 Both give a :class:`~tadistill.data.tokenized.SequenceSet` with ``prompt_lengths`` set. A pair source
 is a ``.jsonl`` (one JSON object per line), ``.parquet`` or ``.csv`` file, a folder of them (read
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tadistill.data.chat import ChatTurn, is_chat_source, load_chat_turns, tokenize_chat
 from tadistill.data.readers import DataKind, Field, fingerprint, read_records
 from tadistill.data.sources import BUILTIN
 from tadistill.data.tokenized import (
@@ -47,7 +51,8 @@ _KEY_JOIN = "\0"
 def load_pairs(
     source: str, *, prompt_field: str = "prompt", completion_field: str = "completion", split: str = "train"
 ) -> list[tuple[str, str]]:
-    """Load (prompt, completion) string pairs from files, a folder of them, or a hub dataset.
+    """Load (prompt, completion) string pairs from files, a folder of them, or a hub dataset; or, when the
+    prompt field holds lists of messages (chat records), one ``ChatTurn`` per assistant turn.
 
     Whitespace is kept as given (a leading space changes a BPE token); pairs whose prompt or
     completion is blank, or null in a .parquet / hub column, are dropped. ``split`` is used for hub
@@ -58,6 +63,8 @@ def load_pairs(
             "there is no built-in prompt / completion data: point data.source at .jsonl/.parquet/.csv files "
             "or a hub dataset, or use data.prompt_tokens with plain text"
         )
+    if is_chat_source(source, prompt_field, split=split):  # a messages list: one sample per assistant turn
+        return load_chat_turns(source, prompt_field, split=split)
     records = read_records(source, PROMPT_DATA, _fields(prompt_field, completion_field), split=split)
     pairs = [(r[prompt_field], r[completion_field]) for r in records]
     pairs = [(p, c) for p, c in pairs if isinstance(p, str) and isinstance(c, str) and p.strip() and c.strip()]
@@ -106,6 +113,9 @@ def tokenize_pairs(
     With ``cache_dir``, the result is cached under a key covering a hash of the pairs, ``fingerprint``,
     the tokenizer and every argument here; a cache hit runs no tokenizer.
     """
+    if pairs and isinstance(pairs[0], ChatTurn):  # chat records (load_pairs): rendered with the chat template
+        return tokenize_chat(pairs, tokenizer, max_length=max_length, heldout_fraction=heldout_fraction, seed=seed,
+                             cache_dir=cache_dir, fingerprint=fingerprint)
     _check_arguments(tokenizer, max_length, heldout_fraction, 1)
     cache_file = None
     if cache_dir is not None:
