@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = teacher_sub.add_parser("mlm-head", help="fit the built-in teacher's masked-LM head (builtin-mlm, cached)")
     t.add_argument("--overwrite", action="store_true", help="fit it again even when it exists")
     t.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("push", help="publish a finished run's student to the Hugging Face hub",
+                       description="Upload RUN/student (with a model card) to a hub repository; the token is "
+                       "huggingface_hub's (HF_TOKEN or huggingface-cli login).")
+    p.add_argument("run", metavar="RUN_DIR", help="the --out folder of a finished distill run")
+    p.add_argument("--repo-id", required=True, help="hub repository, e.g. your-name/minilm-3x384")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (default: main)")
     return parser
 
 
@@ -336,7 +344,16 @@ def _read_teacher_info(path) -> dict:
     return info
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from tadistill.publish import push_student
+
+    url = push_student(args.run, args.repo_id, private=args.private, revision=args.revision)
+    print(f"pushed {args.run}/student to {url}")
+    return 0
+
+
 COMMANDS = {
+    "push": cmd_push,
     "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
     "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "teacher": cmd_teacher,
     "cache-teacher": cmd_cache_teacher,
