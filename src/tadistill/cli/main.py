@@ -12,6 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from tadistill.cli.prepare import add_parser as add_prepare_parser
+from tadistill.cli.prepare import cmd_prepare
 from tadistill.errors import TadistillError
 
 DEMO_RECIPE = "minilmv2"
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="folder for the signals (must not exist)")
     p.add_argument("--no-progress", action="store_true")
+
+    add_prepare_parser(sub)  # prepare: token shards (cli/prepare.py)
 
     p = sub.add_parser("teacher", help="tadistill's own small causal-LM teacher (builtin-gpt2)")
     teacher_sub = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
@@ -356,7 +360,7 @@ COMMANDS = {
     "push": cmd_push,
     "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
     "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "teacher": cmd_teacher,
-    "cache-teacher": cmd_cache_teacher,
+    "cache-teacher": cmd_cache_teacher, "prepare": cmd_prepare,
 }
 
 

@@ -3,6 +3,11 @@
 ``BatchOrder.indices(k)`` is a pure function of the batch number k: epoch e = k // batches_per_epoch
 draws its permutation from a generator seeded with a hash of (seed, e), so a run resumed at step k
 sees the same batches as an uninterrupted one without replaying the data loader.
+
+Up to ``RANDPERM_LIMIT`` examples the permutation is ``torch.randperm`` (8 bytes per example); above it,
+a keyed Feistel network evaluated only at the batch's positions (Black & Rogaway 2002, "Ciphers with
+arbitrary finite domains": a 4-round Feistel permutation of [0, 4^h), cycle-walked into [0, N)), so
+the order of a corpus of any size costs no memory.
 """
 
 from __future__ import annotations
@@ -41,6 +46,43 @@ def collate(sequences: list[Tensor], *, pad_id: int, special_ids: Iterable[int])
     }
 
 
+RANDPERM_LIMIT = 1 << 22  # examples (32 MB of int64 indices); beyond it the Feistel permutation
+_ROUNDS = 4
+_MASK32 = (1 << 32) - 1
+
+
+def _round_keys(seed: int, epoch: int) -> list[int]:
+    digest = hashlib.blake2b(f"feistel:{seed}:{epoch}".encode(), digest_size=4 * _ROUNDS).digest()
+    return [int.from_bytes(digest[4 * r : 4 * r + 4], "big") for r in range(_ROUNDS)]
+
+
+def feistel_permutation(positions: Tensor, n: int, keys: list[int]) -> Tensor:
+    """A keyed bijection of [0, n) evaluated at ``positions`` ((B,) int64), without building the permutation.
+
+    A balanced Feistel network on 2h bits (4^h >= n) permutes [0, 4^h) for any round function; values that
+    land at or above n are encrypted again (cycle walking) until they fall inside, which permutes [0, n).
+    """
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    low = (1 << half) - 1
+
+    def encrypt(x: Tensor) -> Tensor:
+        left, right = x >> half, x & low
+        for key in keys:
+            # Round function: a 32-bit multiply-xorshift hash of (right, key); every product stays below 2**63.
+            f = ((right ^ key) * 0x5BD1E995) & _MASK32
+            f = ((f ^ (f >> 15)) * 0x2C1B3C6D) & _MASK32
+            f = f ^ (f >> 13)
+            left, right = right, (left ^ f) & low
+        return (left << half) | right
+
+    out = encrypt(positions.to(torch.int64))
+    outside = out >= n
+    while bool(outside.any()):
+        out[outside] = encrypt(out[outside])
+        outside = out >= n
+    return out
+
+
 class BatchOrder:
     """Deterministic shuffled batches over ``num_examples`` examples, addressable by batch number.
 
@@ -75,6 +117,10 @@ class BatchOrder:
             raise ValueError(f"batch_number must be >= 0, got {batch_number}")
         epoch, k = divmod(batch_number, self.batches_per_epoch())
         start = k * self.batch_size
+        if self.num_examples > RANDPERM_LIMIT:
+            stop = min(start + self.batch_size, self.num_examples)
+            positions = torch.arange(start, stop, dtype=torch.int64)
+            return feistel_permutation(positions, self.num_examples, _round_keys(self.seed, epoch)).tolist()
         return self._permutation(epoch)[start : start + self.batch_size].tolist()
 
     def _permutation(self, epoch: int) -> Tensor:
