@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "conll2003, wikiann-<lang>, squad, squad_v2) or local CSV/JSONL, CoNLL or SQuAD JSON files")
     p.add_argument("--mode", choices=["probe", "finetune"], default="probe", help="linear probe or fine-tuning")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--texts", default="builtin", help="corpus whose held-out split gives the fidelity texts")
+    p.add_argument("--texts", nargs="+", default=["builtin"], metavar="[LANG=]CORPUS",
+                   help="corpus whose held-out split gives the fidelity texts; LANG=CORPUS pairs (de=de.txt fr=fr.txt) "
+                   "report fidelity per language")
+    p.add_argument("--crosslingual", metavar="TASK", help="cross-lingual transfer: train on --train-language, test on "
+                   "every language (xnli, pawsx, l10n-topic, a file with a language column, a {lang} pattern)")
+    p.add_argument("--train-language", default="en", help="the language the probe / fine-tuning sees (default en)")
+    p.add_argument("--languages", nargs="+", help="languages to test on (default: all of the task)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--zero-shot", nargs="*", default=[], metavar="TASK",
@@ -219,11 +225,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     load_model_config(args.student, what="student")  # a wrong student path fails now, not after the teacher's turn
     spec = EvaluationSpec(tasks=args.tasks, mode=args.mode, seeds=args.seeds, latency=not args.no_latency,
                           zero_shot_tasks=args.zero_shot)
-    texts = heldout_texts(args.texts, DataConfig(source=args.texts), seed=0, limit=spec.fidelity_texts)
-    suite = EvaluationSuite(teacher=args.teacher, texts={"": texts}, spec=spec, max_length=args.max_length)
+    from tadistill.evaluation.fidelity import parse_language_sources
+
+    texts = {lang: heldout_texts(src, DataConfig(source=src), seed=0, limit=spec.fidelity_texts)
+             for lang, src in parse_language_sources(args.texts).items()}  # "" = one unnamed corpus
+    suite = EvaluationSuite(teacher=args.teacher, texts=texts, spec=spec, max_length=args.max_length)
     rows = [suite.evaluate_teacher(), suite.evaluate_student(args.student, name="student")]
     paths = write_results(out, rows)
     print(Path(paths["md"]).read_text())
+    if args.crosslingual:  # after the suite's results are written: a failing transfer loses none of them
+        from tadistill.evaluation.crosslingual import crosslingual_transfer, write_transfer
+        from tadistill.loading import resolve_model_path
+
+        transfer = {name: crosslingual_transfer(path, args.crosslingual, train_language=args.train_language,
+                                                languages=args.languages, mode=args.mode, seeds=args.seeds,
+                                                max_length=args.max_length)
+                    for name, path in (("teacher", resolve_model_path(args.teacher)), ("student", args.student))}
+        print(write_transfer(out, transfer)["md"].read_text())
     print(f"results: {out}")
     return 0
 

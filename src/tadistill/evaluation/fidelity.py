@@ -206,3 +206,100 @@ def fidelity(
     if len(texts) > k:
         result[f"nn_overlap@{k}"] = nn_overlap_at_k(emb_s, emb_t, k)
     return {key: float(value) for key, value in result.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per language: the same measures on each language's held-out texts
+# ----------------------------------------------------------------------------------------------------
+
+
+def heldout_by_language(data_config, *, seed: int, limit: int) -> dict[str, list[str]]:
+    """Held-out texts per language of ``data.source`` entries that carry a ``language``.
+
+    Entries are names or ``{path, weight, language}`` (dicts or the config's entry objects); entries
+    of one language are pooled, in order. Each source's held-out texts are those of the run's split
+    (the split hashes each text with the run's seed, so a text is held out alone or in a mixture alike).
+    Returns ``{}`` when no entry names a language (a monolingual run); ``limit`` caps each language.
+    Raises DataError naming the language when one has no held-out text.
+    """
+    from tadistill.data.prepare import heldout_texts
+    from tadistill.errors import DataError
+
+    entries = data_config.source if isinstance(data_config.source, (list, tuple)) else [data_config.source]
+    paths: dict[str, list[str]] = {}
+    for entry in entries:
+        path = entry.get("path") if isinstance(entry, dict) else getattr(entry, "path", entry)
+        language = entry.get("language") if isinstance(entry, dict) else getattr(entry, "language", None)
+        if language:
+            paths.setdefault(str(language), []).append(str(path))
+    out: dict[str, list[str]] = {}
+    for language, sources in paths.items():
+        texts = [t for source in sources for t in heldout_texts(source, data_config, seed=seed, limit=limit)]
+        if not texts:
+            raise DataError(f"language {language!r} has no held-out text (sources {sources}): give it a larger corpus")
+        out[language] = texts[:limit]
+    return out
+
+
+def fidelity_by_language(teacher: nn.Module, student: nn.Module, tokenizer, texts: dict[str, list[str]],
+                         **kwargs) -> dict[str, dict[str, float]]:
+    """``fidelity`` on each language's texts: ``{language: {metric: value}}`` (``kwargs`` go to ``fidelity``).
+
+    A multilingual student can keep its teacher on the languages that dominate the corpus and lose it
+    on the rare ones; one pooled number hides that (the "curse of multilinguality", Conneau et al. 2020,
+    sec. 5). The key ``""`` stands for a single unnamed corpus. Raises DataError naming the language
+    whose list is empty, before any model runs.
+    """
+    from tadistill.errors import DataError
+
+    if not texts:
+        raise DataError("no held-out texts to measure fidelity on: give at least one language's texts")
+    for language, items in texts.items():
+        if not items:
+            raise DataError(f"language {language!r} has no held-out text: give it a non-empty corpus")
+    return {language: fidelity(teacher, student, tokenizer, items, **kwargs) for language, items in texts.items()}
+
+
+def fidelity_row(per_language: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flat result keys: ``fidelity/<metric>`` for one unnamed corpus; per language ``fidelity[<lang>]/<metric>``
+    and, with two languages or more, ``fidelity/<metric>`` = their unweighted mean (each language counts
+    once, however large its corpus: the macro average of multilingual benchmarks), over the languages
+    that have the metric. Non-finite values are left out.
+    """
+    row: dict[str, float] = {}
+    for language, values in per_language.items():
+        prefix = f"fidelity[{language}]/" if language else "fidelity/"
+        row.update({prefix + k: float(v) for k, v in values.items() if math.isfinite(v)})
+    named = [values for language, values in per_language.items() if language]
+    if len(named) >= 2:
+        metrics = dict.fromkeys(k for values in named for k in values)
+        for metric in metrics:
+            finite = [v[metric] for v in named if metric in v and math.isfinite(v[metric])]
+            if finite:
+                row[f"fidelity/{metric}"] = sum(finite) / len(finite)
+    return row
+
+
+def parse_language_sources(items: list[str] | str) -> dict[str, str]:
+    """``["de=de.txt", "fr=fr.txt"]`` -> ``{"de": "de.txt", "fr": "fr.txt"}``; one plain corpus -> ``{"": corpus}``.
+
+    Raises ConfigError (one line) for a mix of named and plain corpora, a language named twice, or
+    more than one plain corpus.
+    """
+    import re
+
+    items = [items] if isinstance(items, str) else list(items)
+    named = [re.match(r"^([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*)=(.+)$", item) for item in items]
+    if all(m is None for m in named):
+        if len(items) != 1:
+            raise ConfigError(f"give one corpus, or LANG=CORPUS pairs (de=de.txt fr=fr.txt), got {items}")
+        return {"": items[0]}
+    if any(m is None for m in named):
+        plain = items[[m is None for m in named].index(True)]
+        raise ConfigError(f"{plain!r} names no language: write every corpus as LANG=CORPUS (e.g. de={plain})")
+    out: dict[str, str] = {}
+    for m in named:
+        if m[1] in out:
+            raise ConfigError(f"language {m[1]!r} is given twice: one corpus per language")
+        out[m[1]] = m[2]
+    return out

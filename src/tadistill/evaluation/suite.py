@@ -8,7 +8,7 @@ Each model becomes one flat row of numbers (``results.json`` / ``.csv`` / ``.md`
   (``latency.in_reference_time``), so teacher latency / student latency = speedup in every table; the
   raw interleaved medians are kept as ``latency_b<B>_interleaved_ms`` / ``latency_b<B>_teacher_interleaved_ms``;
 - fidelity on held-out text (students): ``fidelity/<metric>``, or ``fidelity[<lang>]/<metric>`` per
-  language of a multilingual study (output KL, cosine and CKA of final and mapped hidden states,
+  language of a multilingual study and ``fidelity/<metric>`` their unweighted mean (output KL, cosine and CKA of final and mapped hidden states,
   attention-relation KL, sentence-embedding cosine and nearest-neighbour overlap@10);
 - intrinsic quality: ``intrinsic/mlm_perplexity`` (MLM heads) or ``intrinsic/perplexity`` (causal LMs);
 - downstream: ``<task>/<metric>`` (mean over seeds) and ``<task>/<metric>_std``;
@@ -17,14 +17,13 @@ Each model becomes one flat row of numbers (``results.json`` / ``.csv`` / ``.md`
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from tadistill.errors import ModelError
 from tadistill.evaluation.cost import count_parameters, flops_per_token
 from tadistill.evaluation.downstream import evaluate_task
-from tadistill.evaluation.fidelity import fidelity
+from tadistill.evaluation.fidelity import fidelity_by_language, fidelity_row
 from tadistill.evaluation.intrinsic import causal_perplexity, has_lm_head, masked_lm_perplexity
 from tadistill.evaluation.latency import (
     compare_latency, flatten_latency, in_reference_time, measure_latency, reference_from_row, size_on_disk,
@@ -110,10 +109,9 @@ class EvaluationSuite:
         path = Path(path)
         student = _load_with_head(str(path), trust_remote_code=self.trust_remote_code, what="student").eval()
         row: dict[str, Any] = {"model": name or path.parent.name, "path": str(path), **self._cost(student, path)}
-        for lang, texts in self.texts.items():
-            prefix = f"fidelity[{lang}]/" if lang else "fidelity/"
-            values = fidelity(self.teacher, student, self.tokenizer, texts, max_length=self.max_length)
-            row.update({prefix + k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        # Per language of a multilingual study: fidelity[<lang>]/<metric>, and fidelity/<metric> their mean.
+        row.update(fidelity_row(fidelity_by_language(self.teacher, student, self.tokenizer, self.texts,
+                                                     max_length=self.max_length)))
         if self.spec.latency:
             both = compare_latency(self.teacher, student, **self._latency_kwargs())
             # One measurement for the whole table: the teacher row's latency is the reference, the student's

@@ -2,7 +2,7 @@
 
 A task is named by one string, resolved in this order:
 
-1. a known name (``KNOWN_TASKS``): GLUE tasks and ``xnli-<lang>`` load with
+1. a known name (``KNOWN_TASKS``): GLUE tasks, ``xnli-<lang>`` and ``pawsx-<lang>`` load with
    ``datasets.load_dataset(*hf_path, split=...)``; "stdlib-topic" is built from the Python standard
    library (:mod:`tadistill.data.builtin_tasks`), no download;
 2. an existing local ``.csv`` / ``.jsonl`` file with columns ``text``, optional ``text_pair`` and
@@ -98,6 +98,7 @@ def _glue(name: str, text: str, pair: str | None, num_labels: int, metrics: tupl
 
 
 XNLI_LANGUAGES = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+PAWSX_LANGUAGES = ("de", "en", "es", "fr", "ja", "ko", "zh")
 
 KNOWN_TASKS: dict[str, TaskSpec] = {
     "cola": _glue("cola", "sentence", None, 2, ("matthews",)),
@@ -115,6 +116,13 @@ KNOWN_TASKS: dict[str, TaskSpec] = {
         f"xnli-{lang}": TaskSpec(f"xnli-{lang}", "premise", "hypothesis", "label", 3, ("accuracy",),
                                  "train", "test", ("xnli", lang))
         for lang in XNLI_LANGUAGES
+    },
+    # PAWS-X (Yang et al. 2019): paraphrase identification, the (machine-translated) train split of each
+    # language and its human-translated test split; cross-lingual transfer: tadistill.evaluation.crosslingual.
+    **{
+        f"pawsx-{lang}": TaskSpec(f"pawsx-{lang}", "sentence1", "sentence2", "label", 2, ("accuracy",),
+                                  "train", "test", ("google-research-datasets/paws-x", lang))
+        for lang in PAWSX_LANGUAGES
     },
     # Built in, no download: see tadistill.data.builtin_tasks. 8 topics, accuracy.
     "stdlib-topic": TaskSpec("stdlib-topic", "text", None, "label", 8, ("accuracy",), "train", "eval", None),
