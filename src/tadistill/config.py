@@ -500,6 +500,35 @@ class PruneConfig(_Strict):
     )
 
 
+class WIDConfig(_Strict):
+    """Weight-inherited distillation (Wu et al. 2023, WID; methods/wid.py): compactors around every linear map of
+    the student (which starts as the teacher), masked toward these target widths, folded away at the end.
+
+    Every ``w_step`` steps the compactor rows / columns of smallest L2 norm are masked, the masked count growing
+    by 1/``intervals`` of (width - target) per kind; masked units fade out over ``fade_steps`` and their compactor
+    entries get the gradient ``decay`` x W. The run needs at least intervals x w_step + fade steps.
+    """
+
+    hidden_size: int | None = Field(
+        None, ge=1, description="Target width; null: width_ratio x the student's width (12x768 -> 12x192 at 0.25)."
+    )
+    width_ratio: float = Field(0.25, gt=0.0, le=1.0, description="Target width / width when hidden_size is null.")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="Target FFN width; null keeps the student's FFN-to-width ratio (4x for BERT)."
+    )
+    attention: Literal["dims", "heads"] = Field(
+        "dims", description="'dims': every head keeps the same number of dimensions, hidden_size / heads; "
+        "'heads': whole heads go, hidden_size / head_dim are kept.",
+    )
+    w_step: int = Field(500, ge=1, description="Steps between two mask growths (the paper's w_step).")
+    intervals: int = Field(16, ge=1, description="Mask growths to reach the targets (the paper: 16).")
+    fade_steps: int | None = Field(
+        None, ge=0, description="Steps over which a newly masked unit's output fades to 0; null: w_step; 0: at once."
+    )
+    decay: float = Field(20.0, ge=0.0, description="lambda: masked compactor entries get the gradient lambda x W.")
+    compactor_lr: float = Field(5e-5, gt=0.0, description="Peak learning rate of the compactors (the paper: 5e-5).")
+
+
 class StageConfig(_Strict):
     """One stage of a chained run: prune then distil, generic then specific, teacher -> assistant -> student.
 
@@ -550,6 +579,10 @@ class DistillConfig(_Strict):
     assistant: AssistantConfig = AssistantConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
     prune: PruneConfig = PruneConfig()
+    wid: WIDConfig | None = Field(
+        None, description="Weight-inherited distillation (recipe wid): compactors masked to target widths and "
+        "folded into a narrower student at the end; null: off.",
+    )
     teacher_signals: str | None = Field(
         None,
         description="Folder written by `tadistill cache-teacher` for this config: train from the stored teacher "

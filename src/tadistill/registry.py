@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from tadistill import config as C
 from tadistill.methods import ammd, distillm, on_policy
+from tadistill.methods import wid
 from tadistill.structure import activations
 from tadistill.training import terms as T
 from tadistill.training.embedding_term import SentenceEmbeddingTerm
@@ -100,6 +101,7 @@ METHODS: dict[str, MethodEntry] = {
     "on-policy": MethodEntry(on_policy.build, "Agarwal et al. 2024 (GKD), alg. 1; Kim & Rush 2016 (seq-KD)"),
     "distillm": MethodEntry(distillm.build, "Ko et al. 2024 (DistiLLM), sec. 3.2"),
     "ammd-alternate": MethodEntry(ammd.build, "Jia 2024 (AMMD), alternating updates"),
+    "wid": MethodEntry(wid.build, "Wu et al. 2023 (WID), sec. 3: compactors, masks by norm, folding"),
 }
 
 
@@ -145,6 +147,9 @@ RECIPES: dict[str, RecipeEntry] = {
     ),
     "pretrain": RecipeEntry(
         "pretrain.yaml", "causal LMs: a random init of the teacher's shape trained with the LM loss only (builtin-gpt2)"
+    ),
+    "wid": RecipeEntry(
+        "wid.yaml", "weight-inherited: the teacher with compactors, masked to a narrower width by norm, folded (MLM)"
     ),
 }
 
