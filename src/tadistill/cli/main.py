@@ -12,6 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from tadistill.cli.lingua import add_parsers as add_lingua_parsers
+from tadistill.cli.lingua import cmd_compress, cmd_lingua
 from tadistill.cli.prepare import add_parser as add_prepare_parser
 from tadistill.cli.prepare import cmd_prepare
 from tadistill.errors import TadistillError
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="hub repository, e.g. your-name/minilm-3x384")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--revision", help="branch to push to (default: main)")
+    add_lingua_parsers(sub)  # lingua annotate|train|evaluate, compress (cli/lingua.py)
     return parser
 
 
@@ -379,6 +382,7 @@ COMMANDS = {
     "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
     "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "teacher": cmd_teacher,
     "cache-teacher": cmd_cache_teacher, "prepare": cmd_prepare,
+    "lingua": cmd_lingua, "compress": cmd_compress,
 }
 
 
