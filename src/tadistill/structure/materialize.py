@@ -37,6 +37,11 @@ class Kept:
     kv_heads: list[list[int]]  # kept key/value heads of each kept block, ascending
     ffn: list[list[int]]
     hidden: list[int]
+    # Per kept block: the kept attention features h * head_dim + j when heads keep only some of their dimensions
+    # (WID's per-dimension attention pruning: the same count in every head, shared by Q, K and V; no grouped-query
+    # attention). None keeps whole heads. Fewer dimensions change the attention scale 1 / sqrt(head_dim): the caller
+    # rescales the queries (methods/wid.py).
+    features: list[list[int]] | None = None
 
     @classmethod
     def of(cls, masks: Masks, layout: Layout) -> Kept:
@@ -87,8 +92,8 @@ def pruned_config(config, layout: Layout, kept: Kept):
     out.num_attention_heads = len(kept.heads[0])
     if getattr(out, "num_key_value_heads", None) is not None:
         out.num_key_value_heads = len(kept.kv_heads[0])
-    if layout.explicit_head_dim:
-        out.head_dim = layout.head_dim  # else the modeling code would derive hidden_size / heads
+    if layout.explicit_head_dim:  # else the modeling code would derive hidden_size / heads
+        out.head_dim = layout.head_dim if kept.features is None else len(kept.features[0]) // len(kept.heads[0])
     setattr(out, layout.ffn_attribute, len(kept.ffn[0]))
     layer_types = getattr(out, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == layout.num_layers:
@@ -147,8 +152,11 @@ def _indices(axis: str, kept: Kept, position: int | None, layout: Layout) -> Ten
         return torch.as_tensor(kept.hidden, dtype=torch.long)
     if position is None:
         raise ModelError(f"a tensor outside the blocks has a per-block axis {axis!r}: not supported")
-    q = layout.head_features(kept.heads[position])
-    kv = layout.head_features(kept.kv_heads[position])
+    if kept.features is not None:  # some dimensions of each head (Kept.features)
+        q = kv = torch.as_tensor(kept.features[position], dtype=torch.long)
+    else:
+        q = layout.head_features(kept.heads[position])
+        kv = layout.head_features(kept.kv_heads[position])
     if axis == "q":
         return q
     if axis == "kv":
@@ -159,15 +167,16 @@ def _indices(axis: str, kept: Kept, position: int | None, layout: Layout) -> Ten
     return torch.as_tensor(kept.ffn[position], dtype=torch.long)  # "ffn"
 
 
-def materialize(model: nn.Module, layout: Layout, masks: Masks) -> nn.Module:
+def materialize(model: nn.Module, layout: Layout, masks: Masks | None, *, kept: Kept | None = None) -> nn.Module:
     """A new model of ``type(model)`` holding only the units ``masks`` keeps (binary masks).
 
     The new model is built from ``pruned_config`` (on the source's device and dtype, in the source's train /
     eval mode), then every tensor is filled from the source: block b of the new model is kept block
-    ``kept.blocks[b]``, and each dimension is indexed by its role. Raises ConfigError for masks no config can
-    describe, ModelError for a tensor whose role is unknown.
+    ``kept.blocks[b]``, and each dimension is indexed by its role. ``kept`` replaces ``masks`` where masks
+    cannot say what is kept (per-dimension attention features, ``Kept.features``). Raises ConfigError for masks
+    no config can describe, ModelError for a tensor whose role is unknown.
     """
-    kept = Kept.of(masks, layout)
+    kept = kept if kept is not None else Kept.of(masks, layout)  # ``kept`` given: already checked by the caller
     config = pruned_config(model.config, layout, kept)
     axes = tensor_axes(model, layout)
     source = model.state_dict()
