@@ -18,6 +18,7 @@ _EXPORTS = {
     "DistillConfig": "tadistill.config",
     "DistillResult": "tadistill.api",
     "TadistillError": "tadistill.errors",
+    "compress": "tadistill.lingua.compress",  # prompt compression (LLMLingua-2): compress(text, model=..., rate=...)
     "distill": "tadistill.api",
     "resolve_config": "tadistill.resolve",
 }
