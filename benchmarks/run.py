@@ -47,6 +47,11 @@ else:  # python benchmarks/run.py: benchmarks/ is on sys.path
 
 BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, peers_deep_teacher, peers_trl_gkd,
                                                  shared_teacher, chunked_memory, relation_memory, compile_effect)}
+if __package__:  # prompt compression speed (issue 14)
+    from . import lingua_speed
+else:
+    import lingua_speed
+BENCHMARKS[lingua_speed.NAME] = lingua_speed
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -63,7 +63,8 @@ def study(xlmr, tmp_path_factory):
         "methods": [{"name": "od", "recipe": "od"}, {"name": "hs", "recipe": "hs"},
                     {"name": "mha", "recipe": "minilmv2", "set": ["objectives.minilmv2.relation_heads=4"]}],
         "students": ["1x32"],
-        "evaluation": {"tasks": [], "seeds": [0], "fidelity_texts": 12, "latency": False},
+        "evaluation": {"tasks": [], "seeds": [0, 1], "fidelity_texts": 12, "latency": False, "max_train": 200,
+                       "crosslingual": {"task": "l10n-topic", "languages": list(LANGUAGES)}},
     }
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -101,6 +102,13 @@ def test_study_distils_three_languages_and_reports_fidelity_per_language(xlmr, s
     assert float(rows["od_1x32"]["fidelity[fr]/output_kl"]) == pytest.approx(direct["output_kl"], rel=1e-5)
     # Languages differ: the per-language numbers are not one number copied three times.
     assert len({rows["hs_1x32"][f"fidelity[{lang}]/final_cka"] for lang in LANGUAGES}) == 3
+    # Cross-lingual transfer of every model, teacher and initialisation rows included, in the study table.
+    for name in ("teacher", "init_1x32", "od_1x32", "mha_1x32"):
+        scores = [float(rows[name][f"l10n-topic[{lang}]/accuracy"]) for lang in LANGUAGES]
+        assert all(0 <= v <= 1 for v in scores) and float(rows[name]["l10n-topic[de]/accuracy_std"]) >= 0
+        assert float(rows[name]["l10n-topic[others]/accuracy"]) == pytest.approx((scores[1] + scores[2]) / 2)
+    table = (report / "study.md").read_text()
+    assert "l10n-topic[de]/accuracy" in table and "gain l10n-topic[fr]/accuracy" in table
 
 
 @pytest.mark.slow

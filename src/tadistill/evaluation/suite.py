@@ -11,7 +11,8 @@ Each model becomes one flat row of numbers (``results.json`` / ``.csv`` / ``.md`
   language of a multilingual study and ``fidelity/<metric>`` their unweighted mean (output KL, cosine and CKA of final and mapped hidden states,
   attention-relation KL, sentence-embedding cosine and nearest-neighbour overlap@10);
 - intrinsic quality: ``intrinsic/mlm_perplexity`` (MLM heads) or ``intrinsic/perplexity`` (causal LMs);
-- downstream: ``<task>/<metric>`` (mean over seeds) and ``<task>/<metric>_std``;
+- downstream: ``<task>/<metric>`` (mean over seeds) and ``<task>/<metric>_std``; cross-lingual transfer
+  (``spec.crosslingual``): ``<task>[<lang>]/<metric>`` per language and ``<task>[others]/<metric>``;
 - zero-shot (causal LMs, with lm-evaluation-harness installed): ``zero_shot/<task>/<metric>``.
 """
 
@@ -87,6 +88,27 @@ class EvaluationSuite:
                 row[f"{task}/{metric}_std"] = stats["std"]
         return row
 
+    def _crosslingual(self, path: Path) -> dict[str, float]:
+        """``<task>[<lang>]/<metric>`` (and ``_std``) per language, ``<task>[others]/<metric>``: their mean
+        over the languages other than the training one (evaluation/crosslingual.py)."""
+        spec = self.spec.crosslingual
+        if spec is None:
+            return {}
+        from tadistill.evaluation.crosslingual import crosslingual_transfer
+
+        result = crosslingual_transfer(str(path), spec.task, train_language=spec.train_language,
+                                       languages=spec.languages, mode=self.spec.mode, seeds=tuple(self.spec.seeds),
+                                       max_train=self.spec.max_train, max_eval=self.spec.max_eval,
+                                       max_length=self.max_length, trust_remote_code=self.trust_remote_code)
+        row: dict[str, float] = {}
+        for lang, scores in result["languages"].items():
+            for metric, stats in scores["metrics"].items():
+                row[f"{spec.task}[{lang}]/{metric}"] = stats["mean"]
+                row[f"{spec.task}[{lang}]/{metric}_std"] = stats["std"]
+        if result["mean_other"] is not None:
+            row[f"{spec.task}[others]/{result['headline']}"] = result["mean_other"]
+        return row
+
     def _latency_kwargs(self) -> dict[str, Any]:
         return {"vocab_size": len(self.tokenizer), "seq_len": self.max_length}
 
@@ -100,6 +122,7 @@ class EvaluationSuite:
             self._teacher_latency = reference_from_row(row)
         row.update(self._intrinsic(self.teacher))
         row.update(self._tasks(path))
+        row.update(self._crosslingual(path))
         if self.spec.zero_shot_tasks and has_lm_head(self.teacher) == "causal-lm":
             row.update(zero_shot(str(path), self.spec.zero_shot_tasks))
         return row
@@ -126,6 +149,7 @@ class EvaluationSuite:
                 row[f"latency_b{batch}_teacher_interleaved_ms"] = both["teacher"][key]["median_ms"]
         row.update(self._intrinsic(student))
         row.update(self._tasks(path))
+        row.update(self._crosslingual(path))
         if self.spec.zero_shot_tasks and has_lm_head(student) == "causal-lm":
             row.update(zero_shot(str(path), self.spec.zero_shot_tasks))
         return row

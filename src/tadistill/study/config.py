@@ -78,6 +78,15 @@ class Budget(_Strict):
         return self
 
 
+class CrosslingualSpec(_Strict):
+    """Cross-lingual transfer of every model (evaluation/crosslingual.py): train on one language, test on each."""
+
+    task: str = Field(description="xnli, pawsx (hub), l10n-topic (built in), a .csv/.jsonl file with a language "
+                      "column, a pattern with {lang}, or a folder of <lang>.csv/.jsonl files.")
+    train_language: str = Field("en", description="The language the probe (or fine-tuning) is trained on.")
+    languages: list[str] | None = Field(None, min_length=1, description="Languages to test on; null: all of the task.")
+
+
 class EvaluationSpec(_Strict):
     tasks: list[str] = Field(
         default_factory=lambda: ["stdlib-topic", "stdlib-retrieval"],
@@ -91,6 +100,10 @@ class EvaluationSpec(_Strict):
     latency: bool = True
     zero_shot_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks for causal-LM students (optional extra)."
+    )
+    crosslingual: CrosslingualSpec | None = Field(
+        None, description="Cross-lingual transfer (mode, seeds, max_train / max_eval as above): scores "
+        "<task>[<lang>]/<metric> per language and <task>[others]/<metric>, the mean over the other languages.",
     )
 
 
