@@ -4,8 +4,8 @@ Multilingual distillation needs a corpus per language, and its tests need one th
 Python standard library carries no translations, and nothing the core dependencies install carries
 sentences in other languages. Django (BSD licence, one wheel, pure Python) ships the compiled gettext
 catalogs (``.mo``) of its user interface for about 100 languages: validation messages, admin pages,
-password help, humanised dates and numbers ("Enter a valid email address.", "Geben Sie eine gültige
-E-Mail-Adresse ein."). They are real sentences written by translators, and they are *parallel*: every
+password help, humanised dates and numbers ("Enter a valid email address.", "Bitte gültige
+E-Mail-Adresse eingeben."). They are real sentences written by translators, and they are *parallel*: every
 translated message has its English original (the catalog's ``msgid``). Install it with
 ``pip install 'tadistill[multilingual]'`` (the test extra includes it).
 

@@ -6,7 +6,9 @@
   importable from here;
 * ``fidelity``: the full comparison, from the output distributions (KL) through every mapped hidden
   layer (CKA, cosine) and the last blocks' self-attention relations (MiniLMv2 relation KL) to the
-  sentence-embedding space (cosine, CKA, nearest-neighbour overlap).
+  sentence-embedding space (cosine, CKA, nearest-neighbour overlap);
+* ``fidelity_by_language`` / ``fidelity_row`` / ``heldout_by_language``: the same measures on each
+  language's held-out texts of a multilingual run, and their unweighted mean.
 """
 
 from __future__ import annotations
