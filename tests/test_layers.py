@@ -58,7 +58,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("study", ("tadistill.study",)),
     # Whole runs: distill and cache-teacher (api), and the built-in teacher, whose training is a run too; prompt
     # compression (LLMLingua-2: annotate with a teacher LLM, train an encoder, compress), a pipeline of its own.
-    ("entry points", ("tadistill.api", "tadistill.teachers", "tadistill.lingua")),
+    # search: the sub-network of an AutoDistil SuperLM under a budget, extracted (and distilled: it runs api).
+    ("entry points", ("tadistill.api", "tadistill.teachers", "tadistill.lingua", "tadistill.search")),
     # The command line, ``python -m tadistill`` and the package root.
     ("interface", ("tadistill.cli", "tadistill.__main__", PACKAGE)),
 ]

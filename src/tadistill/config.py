@@ -243,9 +243,22 @@ class MomentMatching(_Objective):
     baseline: Literal["expected", "none"] = Field("expected", description="Policy-gradient baseline.")
 
 
+class RelationMSE(_Objective):
+    """AutoDistil's relation loss: MiniLMv2's Q-Q / K-K / V-V relations compared by squared error, not KL
+    (Xu et al. 2022, sec. 3.2), last block to last block; the loss its SuperLM's sub-networks train on."""
+
+    kind: Literal["relation-mse"] = "relation-mse"
+    relation_heads: int | None = Field(
+        None, ge=1, description="Relation heads A_r; null: the teacher's attention-head count (AutoDistil re-splits "
+        "every sub-network's relations into the teacher's heads). Must divide both models' Q and K/V widths."
+    )
+    teacher_layer: TeacherLayer = Field("last", description="Teacher block, as for minilmv2.")
+    relations: list[Literal["qq", "kk", "vv"]] = Field(["qq", "kk", "vv"], min_length=1)
+
+
 Objective = Annotated[
     Union[OutputKL, MaskedLM, HiddenStates, MiniLMv2, MiniLM, DirectQKV, AttentionScoreMSE, SentenceEmbedding,
-          LogitDivergence, CausalLM, MomentMatching],
+          LogitDivergence, CausalLM, MomentMatching, RelationMSE],
     Field(discriminator="kind"),
 ]
 
@@ -529,6 +542,93 @@ class WIDConfig(_Strict):
     compactor_lr: float = Field(5e-5, gt=0.0, description="Peak learning rate of the compactors (the paper: 5e-5).")
 
 
+class AutoDistilConfig(_Strict):
+    """AutoDistil (Xu et al. 2022): the student is a SuperLM of the teacher's shape, started from its weights; every
+    micro-batch trains the largest, the smallest and ``random_subnets`` random sub-networks of the sub-space (the
+    sandwich rule), weights shared. ``tadistill search RUN`` then picks a sub-network under a FLOPs, parameter or
+    latency budget by held-out loss, with no retraining (``structure/subnets.py``, ``search.py``).
+
+    A sub-space gives (min, max, step) per dimension; ``space`` names one (``auto``: scaled to the teacher; the
+    paper's ``paper-tiny`` / ``paper-small`` / ``paper-base`` for BERT-base-size teachers) and the fields below
+    replace its ranges.
+    """
+
+    space: Literal["auto", "paper-tiny", "paper-small", "paper-base"] = Field(
+        "auto", description="Named sub-space: 'auto' (half to all of the teacher's blocks, heads and FFN ratio) or "
+        "the paper's spaces (Xu et al. 2022, sec. 4.1)."
+    )
+    layers: tuple[int, int, int] | None = Field(None, description="[min, max, step] of the blocks kept; null: the space's.")
+    hidden: tuple[int, int, int] | None = Field(None, description="[min, max, step] of the hidden size; null: the space's.")
+    heads: tuple[int, int, int] | Literal["derived"] | None = Field(
+        None, description="[min, max, step] of the attention heads, or 'derived' (hidden / head width); null: the "
+        "space's. BERT and GPT-2 configs need hidden = heads x head width."
+    )
+    ffn_ratio: tuple[float, float, float] | None = Field(
+        None, description="[min, max, step] of FFN units / hidden size; null: the space's."
+    )
+    random_subnets: int = Field(2, ge=0, le=64, description="M: random sub-networks per micro-batch besides the largest "
+                                "and the smallest (Xu et al. 2022: 2).")
+    search_batches: int = Field(4, ge=1, description="Held-out batches (of train.batch_size) the search ranks "
+                                "sub-networks on, the same for every candidate.")
+    max_candidates: int = Field(256, ge=2, description="The search scores every sub-network of the space up to this "
+                                "many, else a seeded sample of this many (the smallest and largest always in).")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AutoDistilConfig:
+        for name in ("layers", "hidden", "heads", "ffn_ratio"):
+            span = getattr(self, name)
+            if span is None or span == "derived":
+                continue
+            low, high, step = span
+            if not (0 < low <= high and step > 0):
+                raise ValueError(f"autodistil.{name}={list(span)} must be [min, max, step] with 0 < min <= max and "
+                                 "step > 0")
+        return self
+
+
+class DPHuBERTConfig(_Strict):
+    """DPHuBERT: joint distillation and structured pruning with hard-concrete gates (Peng et al. 2023).
+
+    The student starts as the teacher (``student.init=teacher``, ``student.init_layers=all``). A learned gate
+    per attention head, FFN unit and (optionally) block is sampled at every training forward (Louizos et al.
+    2018); the expected share of the blocks' parameters the gates remove, s, is driven to ``target_sparsity``
+    by L = L_distill + lambda_1 (s - t) + lambda_2 (s - t)^2, with t ramped linearly from 0 and the multipliers
+    trained by gradient ascent. The saved student keeps the units its deterministic gates keep
+    (``methods/dphubert.py``); a next stage distils it again without the gates (recipe ``dphubert``).
+    """
+
+    target_sparsity: float = Field(
+        0.75, gt=0.0, lt=1.0, description="Share of the Transformer blocks' parameters to remove (the embeddings and "
+        "an MLM / LM head are not pruned); DPHuBERT: 0.75.",
+    )
+    target_warmup_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="The target rises linearly from 0 over this fraction of train.steps "
+        "(DPHuBERT: 5k of 50k steps).",
+    )
+    target_warmup_steps: int | None = Field(
+        None, ge=0, description="The same in steps; overrides target_warmup_ratio when set.",
+    )
+    heads: bool | None = Field(
+        None, description="Gate attention heads; null: where the family's config can hold fewer heads at the same "
+        "width (Llama, Qwen2, Mistral: explicit head_dim); BERT and GPT-2 tie head_dim to hidden_size / heads.",
+    )
+    ffn: bool = Field(True, description="Gate FFN intermediate units.")
+    blocks: bool = Field(False, description="Gate whole blocks (layer pruning).")
+    gate_lr: float = Field(0.02, gt=0.0, description="Learning rate of the gates' log_alpha (DPHuBERT: 0.02).")
+    multiplier_lr: float = Field(
+        0.02, gt=0.0, description="Learning rate of the Lagrange multipliers, by gradient ascent (DPHuBERT: 0.02).",
+    )
+    init_drop: float = Field(
+        0.01, gt=0.0, lt=1.0, description="Initial drop probability of every gate: log_alpha = log((1 - p) / p).",
+    )
+
+    @model_validator(mode="after")
+    def _gates_something(self) -> DPHuBERTConfig:
+        if self.heads is False and not self.ffn and not self.blocks:
+            raise ValueError("dphubert gates nothing: set dphubert.ffn, dphubert.heads or dphubert.blocks to true")
+        return self
+
+
 class StageConfig(_Strict):
     """One stage of a chained run: prune then distil, generic then specific, teacher -> assistant -> student.
 
@@ -579,6 +679,18 @@ class DistillConfig(_Strict):
     assistant: AssistantConfig = AssistantConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
     prune: PruneConfig = PruneConfig()
+    autodistil: AutoDistilConfig | None = Field(
+        None, description="AutoDistil: train the student as a weight-shared SuperLM with the sandwich rule (recipe "
+        "autodistil); null: off.",
+    )
+    wid: WIDConfig | None = Field(
+        None, description="Weight-inherited distillation (recipe wid): compactors masked to target widths and "
+        "folded into a narrower student at the end; null: off.",
+    )
+    dphubert: DPHuBERTConfig | None = Field(
+        None, description="Joint distillation and structured pruning with hard-concrete gates (DPHuBERT, recipe "
+        "dphubert); null: off.",
+    )
     wid: WIDConfig | None = Field(
         None, description="Weight-inherited distillation (recipe wid): compactors masked to target widths and "
         "folded into a narrower student at the end; null: off.",

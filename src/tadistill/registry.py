@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tadistill import config as C
-from tadistill.methods import ammd, distillm, on_policy
+from tadistill.methods import ammd, autodistil, distillm, on_policy
 from tadistill.methods import wid
 from tadistill.structure import activations
 from tadistill.training import terms as T
 from tadistill.training.embedding_term import SentenceEmbeddingTerm
+from tadistill.training.relation_mse_term import RelationMSETerm
 
 
 def _clean_inputs(cfg: Any) -> bool:
@@ -84,6 +85,8 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
                          Traits(teacher="causal", head="lm", needs_teacher=False)),
     "moment-matching": ObjectiveEntry(C.MomentMatching, T.MomentMatchingTerm, "Jia 2024 (AMMD), reconstructed",
                                       Traits(teacher="causal", head="lm", offline=False)),
+    "relation-mse": ObjectiveEntry(C.RelationMSE, RelationMSETerm, "Xu et al. 2022 (AutoDistil), sec. 3.2",
+                                   Traits(offline=False)),
 }
 
 
@@ -101,6 +104,7 @@ METHODS: dict[str, MethodEntry] = {
     "on-policy": MethodEntry(on_policy.build, "Agarwal et al. 2024 (GKD), alg. 1; Kim & Rush 2016 (seq-KD)"),
     "distillm": MethodEntry(distillm.build, "Ko et al. 2024 (DistiLLM), sec. 3.2"),
     "ammd-alternate": MethodEntry(ammd.build, "Jia 2024 (AMMD), alternating updates"),
+    "autodistil": MethodEntry(autodistil.build, "Xu et al. 2022 (AutoDistil), sec. 3: the sandwich rule"),
     "wid": MethodEntry(wid.build, "Wu et al. 2023 (WID), sec. 3: compactors, masks by norm, folding"),
 }
 
@@ -147,6 +151,9 @@ RECIPES: dict[str, RecipeEntry] = {
     ),
     "pretrain": RecipeEntry(
         "pretrain.yaml", "causal LMs: a random init of the teacher's shape trained with the LM loss only (builtin-gpt2)"
+    ),
+    "autodistil": RecipeEntry(
+        "autodistil.yaml", "a weight-shared SuperLM (sandwich rule, relation MSE); then `tadistill search RUN --flops 0.5`"
     ),
     "wid": RecipeEntry(
         "wid.yaml", "weight-inherited: the teacher with compactors, masked to a narrower width by norm, folded (MLM)"

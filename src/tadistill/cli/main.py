@@ -16,6 +16,8 @@ from tadistill.cli.lingua import add_parsers as add_lingua_parsers
 from tadistill.cli.lingua import cmd_compress, cmd_lingua
 from tadistill.cli.prepare import add_parser as add_prepare_parser
 from tadistill.cli.prepare import cmd_prepare
+from tadistill.cli.search import add_parser as add_search_parser
+from tadistill.cli.search import cmd_search
 from tadistill.errors import TadistillError
 
 DEMO_RECIPE = "minilmv2"
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     add_prepare_parser(sub)  # prepare: token shards (cli/prepare.py)
+    add_search_parser(sub)  # search: a sub-network of an AutoDistil SuperLM (cli/search.py)
 
     p = sub.add_parser("teacher", help="tadistill's own small causal-LM teacher (builtin-gpt2)")
     teacher_sub = p.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
@@ -381,7 +384,7 @@ COMMANDS = {
     "push": cmd_push,
     "distill": cmd_distill, "demo": cmd_demo, "recipes": cmd_recipes, "inspect": cmd_inspect,
     "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "teacher": cmd_teacher,
-    "cache-teacher": cmd_cache_teacher, "prepare": cmd_prepare,
+    "cache-teacher": cmd_cache_teacher, "prepare": cmd_prepare, "search": cmd_search,
     "lingua": cmd_lingua, "compress": cmd_compress,
 }
 

@@ -1,0 +1,121 @@
+"""tadistill search (search.py): budgets, ranking, extraction of an AutoDistil SuperLM's sub-network, --distil."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from tadistill.cli.main import main
+from tadistill.evaluation.cost import flops_per_token
+from tadistill.search import Budget, parse_count
+from tadistill.errors import ConfigError
+from tadistill.structure import apply_masks, resolve_layout
+from tadistill.structure.subnets import Subnet, kept_blocks, subnet_masks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def superlm_run(tiny_teacher_no_dropout, tiny_corpus, tmp_path_factory) -> Path:
+    """A 4-step AutoDistil run on the tiny BERT (its SuperLM: 4 x 32, 4 heads, FFN 64; 27 sub-networks)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("autodistil") / "run"
+    sets = [f"teacher={tiny_teacher_no_dropout}", f"data.source={tiny_corpus}",
+            f"data.cache_dir={out.parent / 'cache'}", "data.max_length=24", "data.heldout_fraction=0.2",
+            "train.steps=4", "train.batch_size=4", "train.eval_batches=1", "train.lr=1e-3", "student.num_layers=4"]
+    assert main(["distill", "autodistil", *[a for s in sets for a in ("--set", s)], "--out", str(out),
+                 "--no-progress"]) == 0
+    torch.set_num_threads(before)
+    return out
+
+
+def _search(run: Path, *args: str) -> int:
+    return main(["search", str(run), *args, "--latency-repeats", "2", "--no-progress"])
+
+
+def test_flops_budget_is_met_and_the_checkpoint_is_the_subnetwork(superlm_run, tiny_teacher_no_dropout):
+    assert _search(superlm_run, "--flops", "0.5", "--name", "half", "--top", "3") == 0
+    folder = superlm_run / "search" / "half"
+    report = json.loads((folder / "search.json").read_text())
+    chosen = report["chosen"]
+    # The constraint, recomputed from the saved checkpoint's own config against the teacher's.
+    teacher_flops = flops_per_token(AutoConfig.from_pretrained(tiny_teacher_no_dropout), seq_len=24)
+    saved = AutoModel.from_pretrained(folder)
+    assert flops_per_token(saved.config, seq_len=24) / teacher_flops <= 0.5
+    assert (saved.config.num_hidden_layers, saved.config.hidden_size, saved.config.num_attention_heads,
+            saved.config.intermediate_size) == (chosen["layers"], chosen["hidden"], chosen["heads"], chosen["ffn"])
+    assert sum(p.numel() for p in saved.parameters()) == chosen["params"]
+    # Ranked by held-out loss, best first; every scored one within the budget; the top 3 timed against the teacher.
+    ranked = report["ranked"]
+    assert [r["loss"] for r in ranked] == sorted(r["loss"] for r in ranked)
+    assert all(r["flops_ratio"] <= 0.5 for r in ranked) and report["left_out"]["flops"] > 0
+    assert all(r["speedup"] > 0 for r in ranked[:3]) and ranked[0]["name"] == chosen["name"]
+
+    # The extracted checkpoint computes what the masked SuperLM computes.
+    superlm = AutoModel.from_pretrained(superlm_run / "student").eval()
+    subnet = Subnet(chosen["layers"], chosen["hidden"], chosen["heads"], chosen["ffn"])
+    layout = resolve_layout(superlm)
+    ids = torch.randint(5, 40, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with apply_masks(superlm, layout, subnet_masks(subnet, layout)):
+            masked = superlm(input_ids=ids, attention_mask=mask).last_hidden_state[..., :subnet.hidden]
+        out = saved.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(masked, out, atol=1e-5)
+    assert report["heldout_sequences"] > 0 and len(kept_blocks(subnet.layers, 4)) == subnet.layers
+
+
+def test_params_and_latency_budgets(superlm_run):
+    assert _search(superlm_run, "--params", "25k", "--name", "small") == 0
+    report = json.loads((superlm_run / "search" / "small" / "search.json").read_text())
+    assert report["chosen"]["params"] <= 25_000 and report["budget"]["params"] == 25_000
+    # A latency budget: every candidate is timed here, and the chosen one was measured within it.
+    assert _search(superlm_run, "--latency-ms", "1000", "--name", "fast", "--batches", "1") == 0
+    fast = json.loads((superlm_run / "search" / "fast" / "search.json").read_text())
+    assert all(r["latency_ms"] is not None and r["latency_ms"] <= 1000 for r in fast["ranked"])
+    assert fast["heldout_sequences"] <= 4
+
+
+def _one_line(argv, capsys) -> str:
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_input_is_one_line(superlm_run, tmp_path, capsys):
+    line = _one_line(["search", str(superlm_run), "--flops", "0.01", "--no-progress"], capsys)
+    # The cheapest sub-network of the tiny SuperLM's sub-space is named, with its share of the teacher's FLOPs.
+    assert "no sub-network of the sub-space meets --flops 0.01: the cheapest one, L2-H16-A2-F16, has" in line
+    assert "no sub-network" in _one_line(["search", str(superlm_run), "--params", "100", "--no-progress"], capsys)
+    assert "give a budget" in _one_line(["search", str(superlm_run), "--no-progress"], capsys)
+    assert "(0, 1]" in _one_line(["search", str(superlm_run), "--flops", "2", "--no-progress"], capsys)
+    assert "not a count" in _one_line(["search", str(superlm_run), "--params", "lots", "--no-progress"], capsys)
+    assert "add --distil" in _one_line(["search", str(superlm_run), "--flops", "0.5", "--steps", "3"], capsys)
+    assert _search(superlm_run, "--flops", "0.5", "--name", "twice", "--top", "1") == 0
+    assert "exists: pass --overwrite" in _one_line(["search", str(superlm_run), "--flops", "0.5", "--name", "twice",
+                                                    "--no-progress"], capsys)
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    assert "config.yaml is missing" in _one_line(["search", str(other), "--flops", "0.5"], capsys)
+    with pytest.raises(ConfigError):
+        Budget()
+    assert parse_count("15M") == 15_000_000 and parse_count("2.5e3") == 2500 and parse_count("800k") == 800_000
+
+
+def test_distil_trains_the_extracted_subnetwork(superlm_run):
+    assert _search(superlm_run, "--flops", "0.5", "--name", "distilled", "--distil", "--steps", "2",
+                   "--set", "train.eval_batches=1", "--set", "train.log_every=1") == 0
+    run = superlm_run / "search" / "distilled" / "distil"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    chosen = json.loads((superlm_run / "search" / "distilled" / "search.json").read_text())["chosen"]
+    student = AutoModel.from_pretrained(run / "student")
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (chosen["layers"], chosen["hidden"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["student_parameters"] == chosen["params"]
