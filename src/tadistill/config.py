@@ -59,10 +59,12 @@ class StudentConfig(_Strict):
         "keeping the heads, FFN units and hidden channels with the largest activations on "
         "prune.calibration_batches training batches (Minitron's scores; whole heads: keep the head width).",
     )
-    init_layers: Literal["first", "every-other", "uniform"] | list[int] = Field(
+    init_layers: Literal["first", "every-other", "uniform", "all"] | list[int] = Field(
         "uniform",
         description="Teacher blocks the student starts from when init=teacher: 'first' k, 'every-other', "
-        "'uniform' (DistilBERT's [0, 2, 4, 7, 9, 11] for 12 -> 6) or an explicit list of 0-based block indices.",
+        "'uniform' (DistilBERT's [0, 2, 4, 7, 9, 11] for 12 -> 6), 'all' (every block: with num_layers unset the "
+        "student has the teacher's depth, a copy of the teacher when init=teacher; the pruning methods start so) "
+        "or an explicit list of 0-based block indices.",
     )
     pretrained: str | None = Field(
         None,
@@ -105,7 +107,10 @@ class HiddenStates(_Objective):
     """HS: MSE (or cosine) between (projected) student and teacher hidden states under a layer mapping."""
 
     kind: Literal["hidden"] = "hidden"
-    loss: Literal["mse", "cosine"] = Field("mse", description="Distance between hidden states.")
+    loss: Literal["mse", "cosine", "l1+cosine"] = Field(
+        "mse", description="Distance between hidden states: 'l1+cosine' is mean |h_S - h_T| + (1 - cos), DPHuBERT's "
+        "(Peng et al. 2023, sec. 2.2).",
+    )
     mapping: str = Field("uniform", description=f"Layer mapping: one of {', '.join(MAPPING_STRATEGIES)}.")
     layers: list[int] | list[list[int]] | None = Field(
         None,
@@ -121,6 +126,10 @@ class HiddenStates(_Objective):
         "per-layer",
         description="Learned linear map W h_S used where widths differ: one per student layer, or one "
         "shared by all layers (TinyBERT's fit_dense).",
+    )
+    project_equal_widths: bool = Field(
+        False, description="Learn W also where the widths are equal, starting from the identity (DPHuBERT's "
+        "prediction heads: a student that starts as the teacher starts at distance 0).",
     )
 
     @field_validator("mapping")
@@ -690,10 +699,6 @@ class DistillConfig(_Strict):
     dphubert: DPHuBERTConfig | None = Field(
         None, description="Joint distillation and structured pruning with hard-concrete gates (DPHuBERT, recipe "
         "dphubert); null: off.",
-    )
-    wid: WIDConfig | None = Field(
-        None, description="Weight-inherited distillation (recipe wid): compactors masked to target widths and "
-        "folded into a narrower student at the end; null: off.",
     )
     teacher_signals: str | None = Field(
         None,

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from tadistill import config as C
 from tadistill.methods import ammd, autodistil, distillm, on_policy
 from tadistill.methods import wid
+from tadistill.methods import dphubert
 from tadistill.structure import activations
 from tadistill.training import terms as T
 from tadistill.training.embedding_term import SentenceEmbeddingTerm
@@ -104,8 +105,9 @@ METHODS: dict[str, MethodEntry] = {
     "on-policy": MethodEntry(on_policy.build, "Agarwal et al. 2024 (GKD), alg. 1; Kim & Rush 2016 (seq-KD)"),
     "distillm": MethodEntry(distillm.build, "Ko et al. 2024 (DistiLLM), sec. 3.2"),
     "ammd-alternate": MethodEntry(ammd.build, "Jia 2024 (AMMD), alternating updates"),
-    "autodistil": MethodEntry(autodistil.build, "Xu et al. 2022 (AutoDistil), sec. 3: the sandwich rule"),
     "wid": MethodEntry(wid.build, "Wu et al. 2023 (WID), sec. 3: compactors, masks by norm, folding"),
+    "dphubert": MethodEntry(dphubert.build, "Peng et al. 2023 (DPHuBERT); Louizos et al. 2018 (hard concrete)"),
+    "autodistil": MethodEntry(autodistil.build, "Xu et al. 2022 (AutoDistil), sec. 3: the sandwich rule"),
 }
 
 
@@ -152,11 +154,14 @@ RECIPES: dict[str, RecipeEntry] = {
     "pretrain": RecipeEntry(
         "pretrain.yaml", "causal LMs: a random init of the teacher's shape trained with the LM loss only (builtin-gpt2)"
     ),
-    "autodistil": RecipeEntry(
-        "autodistil.yaml", "a weight-shared SuperLM (sandwich rule, relation MSE); then `tadistill search RUN --flops 0.5`"
+    "dphubert": RecipeEntry(
+        "dphubert.yaml", "the teacher with hard-concrete gates pruned to a sparsity target (L1 + cosine), then distilled"
     ),
     "wid": RecipeEntry(
         "wid.yaml", "weight-inherited: the teacher with compactors, masked to a narrower width by norm, folded (MLM)"
+    ),
+    "autodistil": RecipeEntry(
+        "autodistil.yaml", "a weight-shared SuperLM (sandwich rule, relation MSE); then `tadistill search RUN --flops 0.5`"
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Hidden-state alignment losses: MSE (docs/methods.md, HS; TinyBERT) and cosine (DistilBERT).
+"""Hidden-state alignment losses: MSE (docs/methods.md, HS; TinyBERT), cosine (DistilBERT), L1 + cosine (DPHuBERT).
 
 The student's hidden states are projected to the teacher's width by the caller (a learned W lives in
 the training term, the only state); these functions only compare tensors of equal shape.
@@ -61,3 +61,22 @@ def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     """
     s, t = _valid_rows(student, teacher, mask, "hidden_cosine")
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).masked_fill(~mask, 0.0).sum()
+
+
+def hidden_l1_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """L1 plus cosine distance of hidden states, summed over valid tokens (DPHuBERT, Peng et al. 2023, sec. 2.2).
+
+    Args:
+        student: (B, T, d), already projected (DPHuBERT projects even at equal widths).
+        teacher: (B, T, d), a constant (detached).
+        mask: bool (B, T), True = valid token.
+
+    Returns:
+        float32 scalar: sum over valid tokens of mean_d |h_S - h_T| + 1 - cos(h_S, h_T). Divided by the number
+        of valid tokens this is DPHuBERT's nn.L1Loss plus its "raw" cosine loss -cos, shifted by 1 so that
+        identical states give 0. No valid token -> 0.
+    """
+    s, t = _valid_rows(student, teacher, mask, "hidden_l1_cosine")
+    l1 = (s - t).abs().mean(dim=-1)  # (B, T); padded tokens give |0 - 0|
+    cosine = (1.0 - F.cosine_similarity(s, t, dim=-1)).masked_fill(~mask, 0.0)  # (B, T)
+    return (l1 + cosine).sum()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tadistill.config import DistillConfig
+from tadistill.errors import ConfigError
 from tadistill.loading import check_same_vocabulary, load_pretrained, load_tokenizer
 from tadistill.students.build import build_student, config_shape, student_config
 from tadistill.students.calibration import calibration_batches
@@ -22,7 +23,13 @@ def build_student_from_spec(config: DistillConfig, teacher, tokenizer, *, head: 
         check_same_vocabulary(tokenizer, own, sc.pretrained)
         return student
     shape = config_shape(teacher.config)
-    layers = sc.num_layers or max(1, shape.layers // 2)
+    # init_layers=all: every teacher block, so the student has the teacher's depth (DPHuBERT, WID and AutoDistil
+    # start from a copy of the teacher and prune it).
+    every = sc.init_layers == "all"
+    layers = sc.num_layers or (shape.layers if every else max(1, shape.layers // 2))
+    if every and layers != shape.layers:
+        raise ConfigError(f"student.init_layers=all takes all {shape.layers} teacher blocks and student.num_layers="
+                          f"{layers}: drop student.num_layers, or choose a layer selection such as uniform")
     hidden = sc.hidden_size or shape.hidden_size
     intermediate = sc.intermediate_size
     if intermediate is None and hidden != shape.hidden_size:
@@ -33,7 +40,7 @@ def build_student_from_spec(config: DistillConfig, teacher, tokenizer, *, head: 
     student = build_student(cfg, head=head)
     if sc.init in ("teacher", "importance"):
         explicit = sc.init_layers if isinstance(sc.init_layers, list) else None
-        strategy = "explicit" if explicit is not None else sc.init_layers
+        strategy = "explicit" if explicit is not None else ("first" if every else sc.init_layers)
         chosen = select_layers(strategy, layers, shape.layers, explicit)
         if sc.init == "teacher":
             init_from_teacher(student, teacher, chosen)

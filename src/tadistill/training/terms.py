@@ -35,7 +35,7 @@ from tadistill.objectives.attention import (
     attention_score_mse, qk_attention_kl, relation_kl, suggest_relation_heads, value_relation_kl,
 )
 from tadistill.objectives.chunked_relations import default_relation_chunk_size
-from tadistill.objectives.hidden import hidden_cosine, hidden_mse
+from tadistill.objectives.hidden import hidden_cosine, hidden_l1_cosine, hidden_mse
 from tadistill.objectives.layer_maps import LayerPairs, layer_map
 from tadistill.objectives.moment_matching import QValueHead, off_policy_term, on_policy_term
 from tadistill.objectives.output import mlm_cross_entropy, soft_target_kl
@@ -115,8 +115,19 @@ def user_layer_map(what: str, strategy: str, student: Architecture, teacher: Arc
         raise ConfigError(f"{what}: {exc}") from None
 
 
-def _linear(d_in: int, d_out: int) -> nn.Module:
-    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+def _linear(d_in: int, d_out: int, *, equal_widths: bool = False) -> nn.Module:
+    """A learned W h_S where the widths differ; the identity where they match, unless ``equal_widths``: then a
+    learned W that starts as the identity (DPHuBERT's prediction heads, Peng et al. 2023: its student starts as
+    the teacher, so its distance starts at 0)."""
+    if d_in != d_out:
+        return nn.Linear(d_in, d_out)
+    if not equal_widths:
+        return nn.Identity()
+    layer = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(d_in))
+        layer.bias.zero_()
+    return layer
 
 
 class Term(nn.Module):
@@ -231,10 +242,10 @@ class HiddenStatesTerm(Term):
             for s, ts in self.pairs:
                 self.projections[str(s)] = nn.Linear(d_s, d_t * len(ts))
         elif cfg.projection == "shared":
-            self.shared = _linear(d_s, d_t)
+            self.shared = _linear(d_s, d_t, equal_widths=cfg.project_equal_widths)
         else:
             for s, _ in self.pairs:
-                self.projections[str(s)] = _linear(d_s, d_t)
+                self.projections[str(s)] = _linear(d_s, d_t, equal_widths=cfg.project_equal_widths)
 
     def _project(self, s: int, h: Tensor) -> Tensor:
         if self.cfg.multi_target != "concat" and self.cfg.projection == "shared":
@@ -243,7 +254,7 @@ class HiddenStatesTerm(Term):
 
     def forward(self, student, teacher, batch):
         mask = batch["attention_mask"].bool()
-        distance = hidden_mse if self.cfg.loss == "mse" else hidden_cosine
+        distance = {"mse": hidden_mse, "cosine": hidden_cosine, "l1+cosine": hidden_l1_cosine}[self.cfg.loss]
         total = torch.zeros((), device=mask.device)
         for s, ts in self.pairs:
             h_s = self._project(s, student.captured.hidden[s])  # (B, T, d_T) or (B, T, n d_T)
