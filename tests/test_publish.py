@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from tadistill.cli.main import main
@@ -14,8 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class FakeApi:
     """Stands in for huggingface_hub.HfApi: records the calls, reaches nothing."""
 
-    calls: list[tuple] = []
-    fail: str | None = None
+    calls: ClassVar[list[tuple]] = []
+    fail: ClassVar[str | None] = None
 
     def __init__(self, token=None):
         FakeApi.calls.append(("init", token))
@@ -60,6 +62,7 @@ def test_push_uploads_the_student_with_a_card(hub, runs):
     assert kinds == ["init", "create_repo", "create_commit"]
     assert hub.calls[1][2]["private"] is True
     _, repo, operations, _ = hub.calls[2]
+    assert repo == "me/tiny-student"
     paths = sorted(op.path_in_repo for op in operations)
     student = runs / "done" / "student"
     assert paths == sorted([p.relative_to(student).as_posix() for p in student.rglob("*") if p.is_file()]

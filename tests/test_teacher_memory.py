@@ -88,11 +88,13 @@ def test_quantization_without_bitsandbytes_or_gpu_is_one_line(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'tadistill\[quantization\]'") as info:
         teacher_load_options(_config(teacher_quantization="8bit"))
     assert "\n" not in str(info.value)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA GPUs only"):
         teacher_load_options(_config(teacher_quantization="4bit"))
@@ -122,4 +124,14 @@ def test_quantized_teacher_on_gpu(tiny_gpt2):
     pytest.importorskip("bitsandbytes")
     model = load_pretrained(str(tiny_gpt2), head="causal-lm",
                             **teacher_load_options(_config(teacher_quantization="8bit")))
+    assert placed_by_loading(model)
+
+
+def test_a_device_map_is_passed_to_transformers(tiny_gpt2):
+    options = teacher_load_options(_config(teacher_device_map="cpu", teacher_dtype="bfloat16"))
+    assert options == {"dtype": torch.bfloat16, "device_map": "cpu"}
+    model = load_pretrained(str(tiny_gpt2), head="causal-lm", **options)
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and next(model.parameters()).dtype == torch.bfloat16
+    assert not placed_by_loading(model)  # one device: the loop may still move it
+    model.hf_device_map = {"transformer.h.0": 0, "transformer.h.1": 1}  # as a map over two GPUs reads
     assert placed_by_loading(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import pytest
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class FakeTracker:
     """Records what the loop sends, with the interface of Accelerate's trackers."""
 
-    made: list[FakeTracker] = []
+    made: ClassVar[list[FakeTracker]] = []
 
     def __init__(self, run_dir, run_name):
         self.run_dir, self.run_name = run_dir, run_name

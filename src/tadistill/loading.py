@@ -172,7 +172,7 @@ def teacher_load_options(config) -> dict[str, Any]:
     if options["device_map"] is None:
         # bitsandbytes quantizes while placing the weights on a GPU: this process's own (torchrun / accelerate set
         # LOCAL_RANK), so that each process of a data-parallel run holds one quantized replica.
-        options["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+        options["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"}
     return options
 
 
