@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tadistill.cli.main import main
 from tadistill.config import WIDConfig
-from tadistill.errors import ConfigError
+from tadistill.errors import ConfigError, ModelError
 from tadistill.methods.wid import WID, targets
 from tadistill.structure import resolve_layout
 from tadistill.structure.compactors import fold_into_copy
@@ -187,3 +187,24 @@ def test_causal_students_are_refused(tmp_path):
     config = DistillConfig(objectives=[{"kind": "lm"}], wid={"hidden_size": 16})
     with pytest.raises(ConfigError, match="wid supports the encoder families"):
         build(config, LaneParts(model, resolve_architecture(model), []))
+
+
+def test_the_student_inherits_the_teachers_mlm_head(tiny_teacher, tiny_encoder, tiny_tokenizer):
+    """The mlm objective never runs the teacher, so the run loads it without its head: WID copies the head."""
+    from tadistill.config import DistillConfig
+    from tadistill.loading import load_pretrained
+    from tadistill.methods.wid import inherit_head
+    from tadistill.students.spec import build_student_from_spec
+
+    config = DistillConfig(teacher=str(tiny_teacher), objectives=[{"kind": "mlm"}],
+                           student={"init": "teacher", "num_layers": 4}, wid={})
+    body = load_pretrained(str(tiny_teacher), head="base")
+    student = build_student_from_spec(config, body, tiny_tokenizer, head="mlm")
+    teacher = load_pretrained(str(tiny_teacher), head="mlm")
+    dense = "cls.predictions.transform.dense.weight"
+    assert not torch.equal(student.state_dict()[dense], teacher.state_dict()[dense])  # random before
+    inherit_head(config, student)
+    for name, tensor in teacher.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], tensor, rtol=0, atol=0)
+    with pytest.raises(ModelError, match="inherits the teacher's masked-LM head"):
+        inherit_head(config.model_copy(update={"teacher": str(tiny_encoder)}), student)

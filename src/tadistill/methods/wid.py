@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from tadistill.capture.architectures import get_module
 from tadistill.config import DistillConfig, WIDConfig
-from tadistill.errors import ConfigError
+from tadistill.errors import ConfigError, ModelError
+from tadistill.loading import load_pretrained
 from tadistill.structure import (
     Kept,
     Layout,
@@ -111,6 +112,7 @@ class WID(MethodHooks):
                           "attention": torch.full((L, A), -1, dtype=torch.long),
                           "ffn": torch.full((L, layout.ffn_size), -1, dtype=torch.long)}
         self.step = 0
+        self.grown = 0  # mask growths applied so far
         self.stream = Masks()  # the residual stream's hidden-channel multipliers, read by structure's hooks
         # Order matters: compactor hooks first, so a writer's output is mixed, then masked (compactors.py).
         self._hooks = ExitStack()
@@ -121,7 +123,6 @@ class WID(MethodHooks):
 
     def norms(self) -> dict[str, Tensor]:
         """L2 norm per unit over every compactor row (output side) or column (input side) that holds it."""
-        L = self.layout.num_layers
         squares = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in self.masked_at.items()}
         for site in self.compactors.sites:
             c = self.compactors.matrix(site).detach().double().cpu()
@@ -130,14 +131,13 @@ class WID(MethodHooks):
                 squares["hidden"] += per_unit
             else:
                 squares[site.axis][site.block] += per_unit
-        assert squares["attention"].shape[0] == L
         return {k: v.sqrt() for k, v in squares.items()}
 
     def _grow(self, step: int) -> None:
         """Mask more units when an interval has passed (the counts are a function of the step: resume-safe)."""
         cfg, layout, goal = self.cfg, self.layout, self.goal
         done = min((step - 1) // cfg.w_step, cfg.intervals)
-        if done == 0:
+        if done == self.grown:  # the compactors are read only at a step that masks something
             return
         norms = self.norms()
 
@@ -145,21 +145,22 @@ class WID(MethodHooks):
             free = at < 0
             more = scheduled(total, done, cfg.intervals) - int((~free).sum())
             if more > 0:
-                scores = torch.where(free, scores, torch.full_like(scores, math.inf))
-                at[smallest(scores, more)] = step
+                at[smallest(torch.where(free, scores, torch.full_like(scores, math.inf)), more)] = step
 
         mask(self.masked_at["hidden"], norms["hidden"], layout.hidden_size - goal.hidden)
         H, dh = layout.num_heads, layout.head_dim
         for i in range(layout.num_layers):
             mask(self.masked_at["ffn"][i], norms["ffn"][i], layout.ffn_size - goal.ffn)
             at = self.masked_at["attention"][i].view(H, dh)  # a view: masking writes through
+            scores = norms["attention"][i].view(H, dh)
             if cfg.attention == "dims":
                 for h in range(H):
-                    mask(at[h], norms["attention"][i].view(H, dh)[h], dh - goal.head_dim)
+                    mask(at[h], scores[h], dh - goal.head_dim)
             else:
                 heads = at[:, 0].clone()
-                mask(heads, norms["attention"][i].view(H, dh).pow(2).sum(1).sqrt(), H - goal.heads)
+                mask(heads, scores.pow(2).sum(1).sqrt(), H - goal.heads)
                 at.copy_(heads[:, None].expand(H, dh))
+        self.grown = done
 
     def multipliers(self, kind: str, step: int) -> Tensor | None:
         """Per unit: 1 kept, fading linearly to 0 over ``fade`` steps once masked; None while nothing is masked."""
@@ -170,9 +171,16 @@ class WID(MethodHooks):
         return torch.where(at < 0, torch.ones_like(gone), (1.0 - gone).clamp_min(0.0))
 
     def _apply(self, step: int) -> None:
-        self.stream.hidden = self.multipliers("hidden", step)
-        self.compactors.unit_scale["attention"] = self.multipliers("attention", step)
-        self.compactors.unit_scale["ffn"] = self.multipliers("ffn", step)
+        """This step's multipliers, moved once to the device the compactors live on (not at every forward)."""
+        device = next(self.compactors.parameters()).device
+
+        def on_device(kind: str) -> Tensor | None:
+            m = self.multipliers(kind, step)
+            return None if m is None else m.to(device)
+
+        self.stream.hidden = on_device("hidden")
+        self.compactors.unit_scale["attention"] = on_device("attention")
+        self.compactors.unit_scale["ffn"] = on_device("ffn")
 
     # --------------------------------------------------------------------------------------- hooks
 
@@ -223,6 +231,7 @@ class WID(MethodHooks):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.grown = min(max(self.step - 1, 0) // self.cfg.w_step, self.cfg.intervals)  # what the masks hold
         for kind in KINDS:
             self.masked_at[kind].copy_(torch.as_tensor(state["masked_at"][kind]))
         self._apply(self.step)
@@ -270,6 +279,32 @@ class WID(MethodHooks):
         return small
 
 
+def inherit_head(config: DistillConfig, student: nn.Module) -> None:
+    """Copy the teacher's masked-LM head into a student that starts as the teacher (in place).
+
+    The run loads its teacher without the head when no objective runs the teacher (WID's loss is the plain MLM
+    loss: ``mlm`` never reads the teacher), so the student's head would start random and the first steps would
+    spend themselves refitting it. The teacher is loaded once more, with its head, and the student's tensors
+    outside the base model (BERT's ``cls.*``) are copied from it.
+    """
+    sc = config.student
+    if sc.init != "teacher" or sc.pretrained or student.get_output_embeddings() is None:
+        return
+    try:
+        teacher = load_pretrained(config.teacher, head="mlm", trust_remote_code=config.trust_remote_code)
+    except ModelError as exc:
+        if "no masked-LM head" not in str(exc):
+            raise
+        raise ModelError(f"wid's student inherits the teacher's masked-LM head and teacher {config.teacher!r} has "
+                         "none: use a teacher with one (bert-base-uncased, builtin-mlm)") from None
+    source = teacher.state_dict()
+    inside = student.base_model_prefix + "."
+    with torch.no_grad():
+        for name, tensor in student.state_dict(keep_vars=True).items():
+            if not name.startswith(inside) and name in source and source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+
+
 def build(config: DistillConfig, parts) -> WID | None:
     cfg = config.wid
     if cfg is None:
@@ -285,4 +320,5 @@ def build(config: DistillConfig, parts) -> WID | None:
     if config.train.steps < needed:
         raise ConfigError(f"wid masks over wid.intervals x wid.w_step + fade = {needed} steps but train.steps is "
                           f"{config.train.steps}: raise train.steps or lower wid.w_step")
+    inherit_head(config, parts.student)
     return WID(cfg, parts.student, layout, goal)
