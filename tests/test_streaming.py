@@ -55,8 +55,7 @@ def test_shards_equal_the_in_memory_corpus(tiny_tokenizer, tmp_path, packing, ma
     with pytest.MonkeyPatch.context() as m:
         m.setattr("tadistill.data.streaming._TOKENIZE_BATCH", 7)
         splits = prepare.prepare_corpus(dc, tiny_tokenizer, seed=4)
-    assert isinstance(splits.train, ShardSet) and isinstance(splits.train.ids, np.memmap)
-    assert splits.train.ids.dtype == np.uint16
+    assert isinstance(splits.train, ShardSet) and splits.train.dtype == np.uint16
     if prompt_tokens:
         reference.train = split_prompts(reference.train, prompt_tokens)
         reference.heldout = split_prompts(reference.heldout, prompt_tokens)
@@ -69,6 +68,20 @@ def test_shards_equal_the_in_memory_corpus(tiny_tokenizer, tmp_path, packing, ma
 def test_id_dtype_follows_the_vocabulary() -> None:
     assert id_dtype(30522) == np.uint16 and id_dtype(65536) == np.uint16
     assert id_dtype(65537) == np.uint32 and id_dtype(128256) == np.uint32
+
+
+def test_damaged_shards_are_one_line_errors(tiny_tokenizer, tmp_path) -> None:
+    corpus = _write(tmp_path / "c.txt", _texts(300))
+    dc = DataConfig(source=str(corpus), max_length=16, heldout_fraction=0.1, prepared=str(tmp_path / "s"))
+    splits = prepare.prepare_corpus(dc, tiny_tokenizer, seed=0)
+    first, last = splits.train[0], splits.train[-1]
+    folder = splits.train.folder
+    with (folder / "train.ids").open("r+b") as f:  # a truncated ids file
+        f.truncate((folder / "train.ids").stat().st_size - 2)
+    with pytest.raises(DataError, match="damaged") as info:
+        prepare.prepare_corpus(dc, tiny_tokenizer, seed=0)
+    assert "\n" not in str(info.value)
+    assert first.numel() == 16 and last.numel() >= 10
 
 
 def test_txt_is_read_line_by_line_as_paragraphs(tmp_path) -> None:

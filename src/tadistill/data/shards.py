@@ -8,11 +8,11 @@ One prepared source is a folder::
     SOURCE/heldout_texts.jsonl                the first held-out texts, raw (for the summary's cosine)
     SOURCE/source.json      what the folder holds: its fingerprint, dtype, sequence and token counts
 
-The layout is the flat one of :class:`~tadistill.data.tokenized.SequenceSet` (ids + offsets), on disk.
-Ids take 2 bytes when the vocabulary has at most 65,536 entries (BERT, GPT-2, RoBERTa) and 4 otherwise
-(Llama 3's 128k); offsets take 8 bytes per sequence. A :class:`ShardSet` maps both files read-only:
-reading a batch touches only that batch's pages, which the OS may drop again, so a run's resident
-memory does not grow with the corpus (``benchmarks/data_memory.py`` measures it).
+The layout is the flat one of :class:`~tadistill.data.tokenized.SequenceSet` (ids + offsets), on disk
+(the raw arrays, readable with ``np.memmap(path, dtype)``). Ids take 2 bytes when the vocabulary has at
+most 65,536 entries (BERT, GPT-2, RoBERTa) and 4 otherwise (Llama 3's 128k); offsets take 8 bytes per
+sequence. A :class:`ShardSet` reads a sequence in place when asked for it, so a run's resident memory
+does not grow with the corpus (``benchmarks/data_memory.py`` measures it).
 
 Folders are written under a temporary name and renamed into place when complete (``source.json``
 last), so an interrupted preparation leaves no folder that looks finished.
@@ -93,25 +93,53 @@ class ShardWriter:
 
 
 class ShardSet:
-    """One split of a prepared source, memory-mapped: the index-based contract of ``SequenceSet``.
+    """One split of a prepared source, read in place: the index-based contract of ``SequenceSet``.
 
     ``len``, ``set[i]`` ((n_i,) int64 tensor), ``prompt_length(i)`` and ``num_tokens()``, as the loop
     reads them. ``prompt_tokens``: plain text used as prompt / continuation (``data.prompt_tokens``):
     the prompt of sequence i is min(prompt_tokens, n_i - 1) tokens, as ``prompts.split_prompts`` gives.
+
+    Sequence i costs two positioned reads (``os.pread``: its two offsets, then its ids), nothing else: the
+    files are neither loaded nor mapped into the process, so its resident memory stays the same however
+    much of the corpus a run reads (with ``np.memmap`` every page read stays counted in the process's
+    resident set until the kernel reclaims it, which batch schedulers and OOM killers see as growth). The
+    kernel's page cache, shared and reclaimable, serves repeated reads. Descriptors are opened lazily per
+    process (``os.getpid``), so a forked worker opens its own.
     """
 
     def __init__(self, folder: str | Path, split: str, *, dtype: str, prompt_tokens: int | None = None) -> None:
+        self._files: dict[str, int] = {}
+        self._pid = -1
         self.folder = Path(folder)
         self.split = split
         self.prompt_tokens = prompt_tokens
-        self.offsets = _map(self.folder / f"{split}.offsets", np.dtype(np.int64))
-        self.ids = _map(self.folder / f"{split}.ids", np.dtype(dtype))
-        if self.offsets.size < 1 or int(self.offsets[-1]) != self.ids.size:
+        self.dtype = np.dtype(dtype)
+        self._paths = {kind: self.folder / f"{split}.{kind}" for kind in ("ids", "offsets")}
+        for path in self._paths.values():
+            if not path.is_file():
+                raise DataError(f"token shard {path} is missing: run `tadistill prepare` again or delete its folder")
+        size = self._paths["offsets"].stat().st_size
+        self._count = size // 8 - 1
+        self._tokens = self._paths["ids"].stat().st_size // self.dtype.itemsize
+        if size % 8 or self._count < 0 or int(self._offsets(self._count, 1)[0]) != self._tokens:
             raise DataError(f"token shards in {self.folder} are damaged ({split}): run `tadistill prepare` again "
                             "or delete the folder")
 
+    def _read(self, kind: str, position: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # first read in this process
+            self._files = {k: os.open(p, os.O_RDONLY) for k, p in self._paths.items()}
+            self._pid = os.getpid()
+        data = os.pread(self._files[kind], size, position)
+        if len(data) != size:
+            raise DataError(f"token shard {self._paths[kind]} is shorter than its offsets say: run `tadistill "
+                            "prepare` again")
+        return data
+
+    def _offsets(self, i: int, n: int) -> np.ndarray:
+        return np.frombuffer(self._read("offsets", 8 * i, 8 * n), dtype=np.int64)
+
     def __len__(self) -> int:
-        return self.offsets.size - 1
+        return self._count
 
     def _index(self, i: int) -> int:
         n = len(self)
@@ -120,27 +148,28 @@ class ShardSet:
         return i + n if i < 0 else i
 
     def __getitem__(self, i: int) -> Tensor:
-        i = self._index(i)
-        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return torch.from_numpy(self.ids[start:end].astype(np.int64))  # a copy: the mapping stays read-only
+        start, end = (int(x) for x in self._offsets(self._index(i), 2))
+        size = self.dtype.itemsize
+        ids = np.frombuffer(self._read("ids", start * size, (end - start) * size), dtype=self.dtype)
+        return torch.from_numpy(ids.astype(np.int64))
 
     def prompt_length(self, i: int) -> int:
         i = self._index(i)
         if self.prompt_tokens is None:
             return 0
-        length = int(self.offsets[i + 1] - self.offsets[i])
-        return max(0, min(self.prompt_tokens, length - 1))
+        start, end = (int(x) for x in self._offsets(i, 2))
+        return max(0, min(self.prompt_tokens, end - start - 1))
 
     def num_tokens(self) -> int:
-        return int(self.ids.size)
+        return self._tokens
 
+    def __del__(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._files.values():
+                os.close(fd)
 
-def _map(path: Path, dtype: np.dtype) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"token shard {path} is missing: run `tadistill prepare` again or delete its folder")
-    if path.stat().st_size == 0:  # mmap refuses empty files
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    def __getstate__(self) -> dict[str, Any]:  # descriptors do not travel: the receiving process opens its own
+        return {**self.__dict__, "_files": {}, "_pid": -1}
 
 
 def read_source_info(folder: Path) -> dict[str, Any] | None:
