@@ -13,7 +13,6 @@ from transformers import AutoModel
 
 from tadistill.cli.main import main
 from tadistill.config import DPHuBERTConfig
-from tadistill.errors import ConfigError
 from tadistill.methods.dphubert import JointPruning, block_cost
 from tadistill.objectives.hidden import hidden_l1_cosine
 from tadistill.structure import resolve_layout

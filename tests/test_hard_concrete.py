@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from tadistill.structure.hard_concrete import (
-    BETA, STRETCH, HardConcreteGates, deterministic_gates, expected_l0, sample_gates,
+    BETA,
+    STRETCH,
+    HardConcreteGates,
+    deterministic_gates,
+    expected_l0,
+    sample_gates,
 )
 
 LOG_ALPHA = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.6])

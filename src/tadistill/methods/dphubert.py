@@ -113,7 +113,7 @@ def kept_block_parameters(cost: BlockCost, layout: Layout, masks: Masks) -> int:
     heads = torch.ones(L, H) if masks.heads is None else (masks.heads.detach().cpu() != 0).float()
     ffn = torch.ones(L, F) if masks.ffn is None else (masks.ffn.detach().cpu() != 0).float()
     blocks = torch.ones(L) if masks.blocks is None else (masks.blocks.detach().cpu() != 0).float()
-    return int(round(float(expected_block_parameters(cost, layout, heads, ffn, blocks))))
+    return round(float(expected_block_parameters(cost, layout, heads, ffn, blocks)))
 
 
 class PruningGates(nn.Module):
@@ -315,7 +315,10 @@ def _check_student(config: DistillConfig, student: nn.Module) -> None:
         return
     teacher = config_shape(load_model_config(config.teacher, trust_remote_code=config.trust_remote_code))
     mine = config_shape(student.config)
-    shape = lambda s: f"{s.layers}x{s.hidden_size} ({s.heads} heads, FFN {s.intermediate_size})"  # noqa: E731
+
+    def shape(s) -> str:
+        return f"{s.layers}x{s.hidden_size} ({s.heads} heads, FFN {s.intermediate_size})"
+
     if sc.init != "teacher" or (mine.layers, mine.hidden_size, mine.heads, mine.intermediate_size) != \
             (teacher.layers, teacher.hidden_size, teacher.heads, teacher.intermediate_size):
         raise ConfigError(f"dphubert prunes a copy of the teacher: set student.init=teacher and student.init_layers=all "
