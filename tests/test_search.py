@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel
 
 from tadistill.cli.main import main
 from tadistill.evaluation.cost import flops_per_token
-from tadistill.search import Budget, parse_count
+from tadistill.search import Budget, Searcher, parse_count
 from tadistill.errors import ConfigError
 from tadistill.structure import apply_masks, resolve_layout
 from tadistill.structure.subnets import Subnet, kept_blocks, subnet_masks
@@ -55,6 +55,7 @@ def test_flops_budget_is_met_and_the_checkpoint_is_the_subnetwork(superlm_run, t
     assert [r["loss"] for r in ranked] == sorted(r["loss"] for r in ranked)
     assert all(r["flops_ratio"] <= 0.5 for r in ranked) and report["left_out"]["flops"] > 0
     assert all(r["speedup"] > 0 for r in ranked[:3]) and ranked[0]["name"] == chosen["name"]
+    assert all(r["loss_at_init"] is not None for r in ranked[:3]) and ranked[3]["loss_at_init"] is None
 
     # The extracted checkpoint computes what the masked SuperLM computes.
     superlm = AutoModel.from_pretrained(superlm_run / "student").eval()
@@ -68,6 +69,16 @@ def test_flops_budget_is_met_and_the_checkpoint_is_the_subnetwork(superlm_run, t
         out = saved.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(masked, out, atol=1e-5)
     assert report["heldout_sequences"] > 0 and len(kept_blocks(subnet.layers, 4)) == subnet.layers
+
+
+def test_the_teachers_own_shape_scores_zero_at_init(superlm_run):
+    """At init the SuperLM is the teacher: its largest sub-network is the teacher, at loss 0 (same batches)."""
+    searcher = Searcher(superlm_run, progress=False)
+    largest, smallest = (searcher.cost(s) for s in (Subnet(4, 32, 4, 64), Subnet(2, 16, 2, 16)))
+    searcher.losses([largest, smallest], at_init=True)
+    searcher.losses([largest, smallest])
+    assert largest.loss_at_init == 0.0 and smallest.loss_at_init > 0 and largest.loss > 0  # trained: moved
+    assert searcher.starts_as_teacher and len(searcher.subnets) == 27
 
 
 def test_params_and_latency_budgets(superlm_run):

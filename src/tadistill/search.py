@@ -11,7 +11,9 @@ their distillation loss on held-out text and keeps the best one that meets a com
 3. ``--latency-ms``: each remaining one extracted and timed at batch 1 against the teacher on this machine
    (``evaluation/latency.py``, interleaved); the slower ones are left out;
 4. the held-out loss of each (the run's ``relation-mse`` on its kept heads, ``autodistil.search_batches``
-   batches of the held-out split, the same batches for every candidate; the teacher runs once per batch);
+   batches of the held-out split, the same batches for every candidate; the teacher runs once per batch), and
+   for the top ones the loss of the same sub-network cut from the teacher itself, the SuperLM's start: what
+   training the SuperLM added (house style 15);
 5. the best one extracted (``structure.materialize``) into ``RUN/search/<name>/``, a plain Hugging Face
    checkpoint with the teacher's head, with ``search.json`` (the budget, the chosen one, the table);
    ``--distil`` then distils it further from the teacher (``RUN/search/<name>/distil``).
@@ -88,6 +90,7 @@ class Candidate:
     params: int
     flops_ratio: float
     loss: float | None = None
+    loss_at_init: float | None = None  # the same sub-network cut from the teacher (the untrained SuperLM)
     latency_ms: float | None = None  # median at batch 1, this machine
     speedup: float | None = None  # teacher's median / this one's, timed interleaved
 
@@ -168,6 +171,7 @@ class Searcher:
         self.teacher_flops = flops_per_token(self.teacher.config, seq_len=self.seq_len)
         self.teacher_params = parameters_from_config(self.teacher.config, head=self.head)
         self.batches = self._heldout(batches or cfg.autodistil.search_batches)
+        self._teacher_out: list[ModelOutputs] | None = None  # the teacher's Q/K/V of each batch, computed once
 
     def _heldout(self, count: int) -> list[dict[str, torch.Tensor]]:
         """The first ``count`` batches of the held-out split (the run's data, split and seed)."""
@@ -186,27 +190,41 @@ class Searcher:
         flops = flops_per_token(config, seq_len=self.seq_len)
         return Candidate(subnet, flops, parameters_from_config(config, head=self.head), flops / self.teacher_flops)
 
-    def losses(self, candidates: list[Candidate]) -> None:
-        """Each candidate's held-out relation-mse per valid token (the teacher runs once per batch)."""
+    def losses(self, candidates: list[Candidate], *, at_init: bool = False) -> None:
+        """Each candidate's held-out relation-mse per valid token (the teacher runs once per batch).
+
+        ``at_init``: the same sub-networks cut from the teacher itself, the SuperLM before training (its start
+        when ``student.init: teacher``), into ``loss_at_init``: what training the SuperLM added.
+        """
         self.base.to(self.device)
         self.teacher.to(self.device)
-        teacher_out, tokens = [], 0.0
-        with torch.no_grad():
-            with capture(self.teacher, self.t_arch, self.term.teacher_request) as t_cap:
+        if self._teacher_out is None:
+            with torch.no_grad(), capture(self.teacher, self.t_arch, self.term.teacher_request) as t_cap:
+                self._teacher_out = []
                 for batch in self.batches:
                     self.teacher(**self._inputs(batch))
-                    teacher_out.append(ModelOutputs(t_cap.clone()))
-                    tokens += float(batch["attention_mask"].sum())
-            with capture(self.base, self.s_arch, self.term.student_request) as s_cap:
-                for cand in tqdm(candidates, desc="scoring sub-networks", disable=not self.progress):
-                    total = 0.0
-                    with apply_masks(self.base, self.base_layout, subnet_masks(cand.subnet, self.base_layout)):
-                        self.term.widths = cand.subnet.widths(self.base_layout)
-                        for batch, teacher in zip(self.batches, teacher_out):
-                            self.base(**self._inputs(batch))
-                            total += float(self.term(ModelOutputs(s_cap), teacher, self._on_device(batch)))
-                    self.term.widths = None
-                    cand.loss = total / max(tokens, 1.0)
+                    self._teacher_out.append(ModelOutputs(t_cap.clone()))
+        tokens = sum(float(b["attention_mask"].sum()) for b in self.batches)
+        model, arch = (self.teacher, self.t_arch) if at_init else (self.base, self.s_arch)
+        layout = resolve_layout(model)
+        what = "scoring sub-networks" + (" at init" if at_init else "")
+        with torch.no_grad(), capture(model, arch, self.term.student_request) as s_cap:
+            for cand in tqdm(candidates, desc=what, disable=not self.progress):
+                total = 0.0
+                with apply_masks(model, layout, subnet_masks(cand.subnet, layout)):
+                    self.term.widths = cand.subnet.widths(layout)
+                    for batch, teacher in zip(self.batches, self._teacher_out):
+                        model(**self._inputs(batch))
+                        total += float(self.term(ModelOutputs(s_cap), teacher, self._on_device(batch)))
+                self.term.widths = None
+                setattr(cand, "loss_at_init" if at_init else "loss", total / max(tokens, 1.0))
+
+    @property
+    def starts_as_teacher(self) -> bool:
+        """Whether the SuperLM started as the teacher (so that the teacher's sub-networks are its start)."""
+        sc, s, t = self.config.student, self.s_arch, self.t_arch
+        return (sc.init == "teacher" and not sc.pretrained
+                and (s.num_layers, s.hidden_size, s.num_heads) == (t.num_layers, t.hidden_size, t.num_heads))
 
     def latency(self, cand: Candidate, repeats: int) -> None:
         """Batch-1 latency of the extracted sub-network, interleaved with the teacher's, on this machine."""
@@ -276,6 +294,8 @@ def run_search(run_dir: str | Path, budget: Budget, *, top: int = 10, name: str 
     if budget.latency_ms is None:
         for cand in ranked[:top]:
             searcher.latency(cand, latency_repeats)
+    if searcher.starts_as_teacher:
+        searcher.losses(ranked[:top], at_init=True)
     chosen = ranked[0]
     teacher = {"flops_per_token": searcher.teacher_flops, "parameters": searcher.teacher_params,
                "shape": f"{searcher.t_arch.num_layers}x{searcher.t_arch.hidden_size} ({searcher.t_arch.num_heads} "
@@ -328,19 +348,22 @@ def distil_config(result: SearchResult, config: DistillConfig, *, recipe: str | 
 
 def search_table(result: SearchResult, *, top: int = 10) -> Table:
     """The top candidates, best first: parameters, FLOPs per token and batch-1 latency relative to the teacher (the
-    speedup is timed interleaved with the teacher on this machine), and the held-out loss; * marks the chosen one."""
+    speedup is timed interleaved with the teacher on this machine), the held-out loss, and the loss of the same
+    sub-network cut from the teacher before training ("at init"); * marks the chosen one."""
     shown = min(top, len(result.ranked))
     table = Table(title=f"AutoDistil search: best {shown} of {len(result.ranked)} sub-networks within the budget")
     table.add_column("#", justify="right")
     table.add_column("sub-network", no_wrap=True)
-    for column in ("params", "FLOPs/T", "ms (b1)", "speedup", "loss"):
+    for column in ("params", "FLOPs/T", "ms (b1)", "speedup", "loss", "at init"):
         table.add_column(column, justify="right")
     t = result.teacher
-    table.add_row("T", f"teacher {t['shape'].split(' ')[0]}", f"{t['parameters'] / 1e6:.2f}M", "1.000", "", "1.00x", "")
+    table.add_row("T", f"teacher {t['shape'].split(' ')[0]}", f"{t['parameters'] / 1e6:.2f}M", "1.000", "", "1.00x",
+                  "", "")
     for i, c in enumerate(result.ranked[:top], 1):
         table.add_row(f"{i}{'*' if c is result.chosen else ''}", c.subnet.name, f"{c.params / 1e6:.2f}M",
                       f"{c.flops_ratio:.3f}", "n/a" if c.latency_ms is None else f"{c.latency_ms:.2f}",
-                      "n/a" if c.speedup is None else f"{c.speedup:.2f}x", f"{c.loss:.4g}")
+                      "n/a" if c.speedup is None else f"{c.speedup:.2f}x", f"{c.loss:.4g}",
+                      "n/a" if c.loss_at_init is None else f"{c.loss_at_init:.4g}")
     return table
 
 
@@ -348,6 +371,7 @@ def print_search(result: SearchResult, *, top: int = 10) -> None:
     console = Console()
     console.print(search_table(result, top=top))
     c = result.chosen
+    init = "" if c.loss_at_init is None else f"; {c.loss_at_init:.4g} cut from the untrained teacher"
     console.print(f"chosen: {c.subnet.name}  ({c.params:,} parameters, {c.flops_ratio:.1%} of the teacher's FLOPs per "
-                  f"token, held-out loss {c.loss:.4g})")
+                  f"token, held-out loss {c.loss:.4g}{init})")
     console.print(f"checkpoint: {result.folder}  ({SEARCH_FILE} beside it)")
