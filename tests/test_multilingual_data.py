@@ -182,3 +182,10 @@ def test_transfer_table_layout():
                             "student": result({"en": 0.7, "de": 0.4, "fr": 0.5})})
     assert "| model | en* | de | fr | mean (others) | gap to en |" in table
     assert "| student | 0.700 ± 0.010 | 0.400 ± 0.010 | 0.500 ± 0.010 | 0.450 | +0.250 |" in table
+
+
+def test_a_language_with_no_text_is_one_line_before_any_model_runs():
+    from tadistill.evaluation.fidelity import fidelity_by_language
+
+    with pytest.raises(DataError, match="language 'de' has no held-out text"):
+        fidelity_by_language(None, None, None, {"en": ["some text"], "de": []})
