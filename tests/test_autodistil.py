@@ -193,7 +193,7 @@ def _one_line(argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("sets, words", [
-    (["student.num_layers=2"], "autodistil trains a SuperLM of the teacher's shape (4x32, 4 heads) and the student is 2x32"),
+    (["student.init_layers=uniform", "student.num_layers=2"], "autodistil trains a SuperLM of the teacher's shape (4x32, 4 heads) and the student is 2x32"),
     (["student.num_layers=4", "objectives.relation-mse.relation_heads=5"], "relation_heads=5 must divide"),
     (["student.num_layers=4", "autodistil.hidden=[40,48,8]"], "has no sub-network"),
     (["student.num_layers=4", "autodistil.layers=[3,1,1]"], "autodistil.layers=[3, 1, 1] must be"),

@@ -47,7 +47,7 @@ def space_subnets(cfg: AutoDistilConfig, layout: Layout, divisor: int) -> list[S
         spans = ", ".join(f"{k} {list(v) if v is not None else 'derived'}" for k, v in vars(space).items())
         raise ConfigError(f"the autodistil sub-space ({cfg.space}: {spans}) has no sub-network of this "
                           f"{layout.num_layers}x{layout.hidden_size} SuperLM: {reasons[0]}; set autodistil.layers / "
-                          "hidden / heads / ffn_ratio (or heads=derived)")
+                          "hidden / heads / ffn_ratio (or heads=derived), or objectives.relation-mse.relation_heads")
     return found
 
 
