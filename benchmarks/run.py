@@ -26,6 +26,7 @@ if __package__:  # imported as benchmarks.run
     from . import (
         chunked_memory,
         compile_effect,
+        data_memory,
         minimal_loop,
         peers_deep_teacher,
         peers_textbrewer,
@@ -37,6 +38,7 @@ if __package__:  # imported as benchmarks.run
 else:  # python benchmarks/run.py: benchmarks/ is on sys.path
     import chunked_memory
     import compile_effect
+    import data_memory
     import minimal_loop
     import peers_deep_teacher
     import peers_textbrewer
@@ -46,7 +48,8 @@ else:  # python benchmarks/run.py: benchmarks/ is on sys.path
     from common import Figure, machine, quiet_transformers
 
 BENCHMARKS = {module.NAME: module for module in (minimal_loop, peers_textbrewer, peers_deep_teacher, peers_trl_gkd,
-                                                 shared_teacher, chunked_memory, relation_memory, compile_effect)}
+                                                 shared_teacher, chunked_memory, relation_memory, compile_effect,
+                                                 data_memory)}
 if __package__:  # prompt compression speed (issue 14)
     from . import lingua_speed
 else:
