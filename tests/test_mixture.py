@@ -170,6 +170,8 @@ def test_alpha_needs_languages_and_no_weights() -> None:
         resolve_config("hs", overrides=["data.source=[{path: a}, {path: b, language: de}]", "data.alpha=0.3"])
     with pytest.raises(ConfigError, match="drop the sources' weights, or alpha"):
         resolve_config("hs", overrides=["data.source=[{path: a, weight: 1, language: en}]", "data.alpha=0.3"])
+    with pytest.raises(ConfigError, match="drop data.prepared"):
+        resolve_config("hs", overrides=["data.prompt_field=prompt", "data.prepared=shards"])
     config = resolve_config("hs", overrides=["data.source=[{path: a, language: en}, {path: b, language: de}]",
                                              "data.alpha=0.7"])
     assert config.model_dump(mode="json")["data"]["source"][1] == {"path": "b", "weight": None, "language": "de"}

@@ -382,6 +382,9 @@ class DataConfig(_Strict):
                                  "({path: ..., language: de})")
         if self.prompt_field and (any(weighted) or self.alpha is not None):
             raise ValueError("prompt / completion data is not mixed by weight: drop the weights and data.alpha")
+        if self.prompt_field and self.prepared:
+            raise ValueError("token shards (data.prepared) hold plain text; prompt / completion records are read in "
+                             "memory: drop data.prepared")
         return self
 
 
