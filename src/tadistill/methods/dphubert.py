@@ -116,6 +116,9 @@ def kept_block_parameters(cost: BlockCost, layout: Layout, masks: Masks) -> int:
     return round(float(expected_block_parameters(cost, layout, heads, ffn, blocks)))
 
 
+GATE_EPS = 1e-16  # AdamW's eps for the gates (``JointPruning.param_groups``)
+
+
 class PruningGates(nn.Module):
     """The learned state: one ``HardConcreteGates`` per gated kind and the two Lagrange multipliers."""
 
@@ -230,7 +233,11 @@ class JointPruning(MethodHooks):
 
     def param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
         multipliers = {id(self.gates.lambda_1), id(self.gates.lambda_2)}
-        return [{"params": [p for p in params if id(p) not in multipliers], "lr": self.cfg.gate_lr, "weight_decay": 0.0},
+        # A gate's share of the sparsity gradient is lambda x (its parameters / all block parameters) x p (1 - p):
+        # about 1e-10 for an FFN unit of a BERT-base at the start, far below AdamW's eps (train.adam_eps, 1e-6),
+        # which would then freeze the gates. Their own eps keeps Adam's step ~ gate_lr wherever the gradient points.
+        return [{"params": [p for p in params if id(p) not in multipliers], "lr": self.cfg.gate_lr, "weight_decay": 0.0,
+                 "eps": GATE_EPS},
                 {"params": [p for p in params if id(p) in multipliers], "lr": self.cfg.multiplier_lr,
                  "weight_decay": 0.0, "maximize": True}]
 
