@@ -130,3 +130,28 @@ def test_distil_trains_the_extracted_subnetwork(superlm_run):
     assert (student.config.num_hidden_layers, student.config.hidden_size) == (chosen["layers"], chosen["hidden"])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["student_parameters"] == chosen["params"]
+
+
+def test_a_grouped_query_llama_superlm_end_to_end(tiny_llama, tiny_corpus, tmp_path):
+    """Causal and GQA (4 query heads, 2 key/value heads): sub-networks keep whole key/value groups, the extracted
+    checkpoint is a LlamaForCausalLM computing what the masked SuperLM computes."""
+    from transformers import AutoModelForCausalLM
+
+    sets = [f"teacher={tiny_llama}", f"data.source={tiny_corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.max_length=24", "data.heldout_fraction=0.2", "train.steps=2", "train.batch_size=4",
+            "train.eval_batches=1"]
+    run = tmp_path / "run"
+    assert main(["distill", "autodistil", *[a for s in sets for a in ("--set", s)], "--out", str(run),
+                 "--no-progress"]) == 0
+    assert _search(run, "--flops", "0.6", "--name", "pick", "--top", "2") == 0
+    chosen = json.loads((run / "search" / "pick" / "search.json").read_text())["chosen"]
+    saved = AutoModelForCausalLM.from_pretrained(run / "search" / "pick").eval()
+    assert saved.config.num_key_value_heads == chosen["heads"] // 2 and chosen["flops_ratio"] <= 0.6
+    superlm = AutoModelForCausalLM.from_pretrained(run / "student").eval()
+    layout = resolve_layout(superlm)
+    subnet = Subnet(chosen["layers"], chosen["hidden"], chosen["heads"], chosen["ffn"])
+    ids = torch.randint(2, 30, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with apply_masks(superlm, layout, subnet_masks(subnet, layout)):
+            masked = superlm(input_ids=ids).logits
+        assert torch.allclose(masked, saved(input_ids=ids).logits, atol=1e-5)
