@@ -145,6 +145,20 @@ def test_the_expected_sparsity_reaches_the_target(tiny_args, tiny_teacher_no_dro
     assert student.config.num_hidden_layers == teacher["num_hidden_layers"]
 
 
+def test_a_causal_lm_with_grouped_query_attention_keeps_its_head(tiny_args, tiny_llama, tmp_path):
+    """Heads are gated where the config can hold fewer (Llama: explicit head_dim); the result is a *ForCausalLM."""
+    out = tmp_path / "llama"
+    args = tiny_args(*FAST, "train.steps=40", "stages=[]", teacher=tiny_llama)
+    assert main(["distill", "dphubert", *args, "--out", str(out), "--no-progress"]) == 0
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert rows[-1]["prune/expected_sparsity"] > 0.2
+    student = tf.AutoModelForCausalLM.from_pretrained(out / "student")
+    teacher = tf.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert _count(student) < _count(teacher)
+    assert student.config.num_key_value_heads <= teacher.config.num_key_value_heads
+    assert student.config.num_attention_heads % student.config.num_key_value_heads == 0
+
+
 def test_two_stages_end_to_end_and_resume(tiny_args, tiny_teacher_no_dropout, tmp_path):
     common = ["distill", "dphubert", *tiny_args(*FAST, "dphubert.blocks=true", "train.steps=6", "train.save_every=3",
                                                 teacher=tiny_teacher_no_dropout), "--no-progress"]
