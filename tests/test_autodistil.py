@@ -195,7 +195,11 @@ def _one_line(argv, capsys) -> str:
 @pytest.mark.parametrize("sets, words", [
     (["student.init_layers=uniform", "student.num_layers=2"], "autodistil trains a SuperLM of the teacher's shape (4x32, 4 heads) and the student is 2x32"),
     (["student.num_layers=4", "objectives.relation-mse.relation_heads=5"], "relation_heads=5 must divide"),
-    (["student.num_layers=4", "autodistil.hidden=[40,48,8]"], "has no sub-network"),
+    (["student.num_layers=4", "autodistil.hidden=[20,20,4]"], "has no sub-network of this 4x32 SuperLM: 2 blocks, "
+                                                               "hidden 20, 2.5 heads: not whole numbers"),
+    (["student.num_layers=4", "autodistil.hidden=[16,48,8]"], "autodistil.hidden reaches 48 (auto space or your "
+                                                              "range) and the SuperLM has 32 hidden channels"),
+    (["student.num_layers=4", "autodistil.space=paper-tiny"], "autodistil.layers reaches 7"),
     (["student.num_layers=4", "autodistil.layers=[3,1,1]"], "autodistil.layers=[3, 1, 1] must be"),
 ])
 def test_bad_input_is_one_line(sets, words, tiny_args, tmp_path, capsys):

@@ -42,6 +42,13 @@ def resolve_space(cfg: AutoDistilConfig, layout: Layout) -> SubSpace:
 def space_subnets(cfg: AutoDistilConfig, layout: Layout, divisor: int) -> list[Subnet]:
     """The sub-networks of the configured sub-space, smallest first; a one-line ConfigError when there are none."""
     space = resolve_space(cfg, layout)
+    for name, span, most, what in (("layers", space.layers, layout.num_layers, "blocks"),
+                                   ("hidden", space.hidden, layout.hidden_size, "hidden channels"),
+                                   ("heads", space.heads, layout.num_heads, "heads")):
+        if span is not None and span[1] > most:
+            raise ConfigError(f"autodistil.{name} reaches {span[1]:g} ({cfg.space} space or your range) and the SuperLM "
+                              f"has {most} {what}: a sub-network only keeps the SuperLM's units; set autodistil.{name}="
+                              f"[{min(span[0], most):g},{most},{span[2]:g}] or a larger teacher")
     found, reasons = subnets(space, layout, divisor=divisor)
     if not found:
         spans = ", ".join(f"{k} {list(v) if v is not None else 'derived'}" for k, v in vars(space).items())
