@@ -26,6 +26,7 @@ this module reuses with several evaluation sets.
 
 from __future__ import annotations
 
+import csv
 import statistics
 from collections.abc import Sequence
 from dataclasses import replace
@@ -185,7 +186,7 @@ def _by_language_column(path: Path, wanted: list[str] | None):
                         "language)")
     try:
         records = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"task file {str(path)!r} could not be read ({type(exc).__name__}): check its encoding (UTF-8)") from None
     if not records:
         raise DataError(f"task file {str(path)!r} holds no rows: add rows with text, label and language")
