@@ -59,7 +59,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Whole runs: distill and cache-teacher (api), and the built-in teacher, whose training is a run too; prompt
     # compression (LLMLingua-2: annotate with a teacher LLM, train an encoder, compress), a pipeline of its own.
     # search: the sub-network of an AutoDistil SuperLM under a budget, extracted (and distilled: it runs api).
-    ("entry points", ("tadistill.api", "tadistill.teachers", "tadistill.lingua", "tadistill.search")),
+    # publish: a finished run's student pushed to the hub.
+    ("entry points", ("tadistill.api", "tadistill.teachers", "tadistill.lingua", "tadistill.search",
+                      "tadistill.publish")),
     # The command line, ``python -m tadistill`` and the package root.
     ("interface", ("tadistill.cli", "tadistill.__main__", PACKAGE)),
 ]
