@@ -65,7 +65,10 @@ def _lane_step(folder, kind: str, checkpointing: bool):
     lane.model.train()
     with capture(lane.student, lane.student_arch, lane.request) as s_cap:
         sums = lane.model(inputs, batch, t_out, s_cap)
+        stored = {i: id(t) for i, t in s_cap.query.items()}
         sums.sum().backward()
+        # The recomputation in backward does not store again (it would keep a block's graph alive).
+        assert {i: id(t) for i, t in s_cap.query.items()} == stored
     grads = {n: p.grad.clone() for n, p in lane.distiller.named_parameters() if p.grad is not None}
     return sums.detach(), grads, len(calls)
 

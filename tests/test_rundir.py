@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tadistill.errors import RunDirError
 from tadistill.fileio import atomic_write_text
@@ -275,3 +276,17 @@ def test_only_rank_zero_of_a_launch_takes_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with hold_lock(tmp_path / "run"):
         assert not (tmp_path / "run").exists()
+
+
+def test_a_run_saved_before_a_field_existed_resumes_and_a_real_change_is_still_refused(config, tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.prepare(config, resume=False, overwrite=False)
+    saved = yaml.safe_load(run.config_path.read_text())
+    del saved["teacher_dtype"]  # as written by a version without the field
+    del saved["data"]["packing"]
+    run.config_path.write_text(yaml.safe_dump(saved))
+    run.check(config, resume=True, overwrite=False)  # the defaults fill in: no difference
+    changed = config.model_copy(update={"teacher_dtype": "bfloat16"})
+    with pytest.raises(RunDirError) as info:
+        run.check(changed, resume=True, overwrite=False)
+    assert "teacher_dtype" in _one_line(info)

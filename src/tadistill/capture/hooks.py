@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -205,8 +206,17 @@ def _register_pass_bookends(model: nn.Module, request: CaptureRequest, captured:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recomputation inside backward: the loss already read
+    the first forward's tensors, so storing again would only keep a block's graph alive until the next batch."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # private: -1 outside a backward pass
+    return task is not None and task() != -1
+
+
 def _store_block_input(captured: Captured, cls: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _recomputing():
+            return
         hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, Tensor):
             raise ArchitectureError(
@@ -219,13 +229,16 @@ def _store_block_input(captured: Captured, cls: str) -> Callable[..., None]:
 
 def _store_output(store: dict[int, Tensor], index: int, where: str) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        store[index] = _block_hidden(output, where)  # (B, T, width)
+        if not _recomputing():
+            store[index] = _block_hidden(output, where)  # (B, T, width)
 
     return hook
 
 
 def _store_fused(captured: Captured, index: int, sizes: tuple[int, ...]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if _recomputing():
+            return
         # GPT-2's c_attn output is [q | k | v] along the last dim: (B, T, H*dh + 2*Hkv*dh).
         q, k, v = output.split(list(sizes), dim=-1)
         captured.query[index], captured.key[index], captured.value[index] = q, k, v

@@ -191,8 +191,10 @@ def student_config(
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and layer_types:
         config.layer_types = [layer_types[i % len(layer_types)] for i in range(layers)]
-    # The student is a new model: it must not claim the teacher's hub name.
+    # The student is a new model: it must not claim the teacher's hub name, nor its 8-/4-bit loading (a student
+    # trains and is saved in full precision; a copied quantization_config would make loading it ask for bitsandbytes).
     config.name_or_path = ""
+    config.__dict__.pop("quantization_config", None)
     return config
 
 

@@ -42,6 +42,7 @@ from tadistill.data.batches import BatchOrder, collate
 from tadistill.data.masking import mask_tokens
 from tadistill.data.tokenized import SequenceSet
 from tadistill.errors import TrainingError
+from tadistill.loading import placed_by_loading
 from tadistill.training.checkpoint import restore_checkpoint, save_checkpoint
 from tadistill.training.hooks import SAMPLED_BY, ContinuationRequest, seed_for
 from tadistill.training.lane import (
@@ -211,7 +212,8 @@ class Trainer:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
             if dtype is torch.float16 and accelerator.device.type != "cuda":
                 dtype = None
-            self.teacher.to(accelerator.device, dtype=dtype)
+            if not placed_by_loading(self.teacher):  # a device map or quantized weights stay where loading put them
+                self.teacher.to(accelerator.device, dtype=dtype)
             if self.cfg.train.compile:
                 compile_forward(self.teacher, logits=bool(self.logit_variants))  # mixed: the base runs eager
         for lane in lanes:

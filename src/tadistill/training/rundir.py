@@ -60,6 +60,15 @@ def _differences(old: dict, new: dict, prefix: tuple[str, ...] = ()) -> list[str
     return out
 
 
+def _with_defaults(stored: dict) -> dict:
+    """A saved config with the fields added since it was written at their defaults, so that a run started before
+    an upgrade resumes (a field it could not have set is no difference); as saved if it no longer validates."""
+    try:
+        return DistillConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        return stored
+
+
 class RunDir:
     """Paths of one run plus the metrics log."""
 
@@ -140,7 +149,7 @@ class RunDir:
         if resume:
             if marker is None:
                 raise RunDirError(f"nothing to resume in {root}: it holds no tadistill run")
-            diff = _differences(self.stored_config(), config.model_dump(mode="json"))
+            diff = _differences(_with_defaults(self.stored_config()), config.model_dump(mode="json"))
             if diff:
                 shown = "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
                 raise RunDirError(
