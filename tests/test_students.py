@@ -359,3 +359,15 @@ def test_more_heads_than_teacher_is_rejected() -> None:
     student = built(student_config(bert_config(), num_layers=1, num_heads=8), seed=1)  # 8 heads x 4
     with pytest.raises(ConfigError, match="8 attention heads of width 4 but the teacher 4 of width 8"):
         init_from_teacher(student, teacher, [0])
+
+
+def test_a_student_does_not_inherit_the_teachers_quantization():
+    from transformers import BertConfig
+
+    from tadistill.students.build import student_config
+
+    teacher = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    teacher.quantization_config = {"load_in_8bit": True, "quant_method": "bitsandbytes"}
+    config = student_config(teacher, num_layers=2)
+    assert "quantization_config" not in config.to_dict()
+    assert teacher.quantization_config["load_in_8bit"]  # the teacher's own config is untouched
