@@ -85,8 +85,11 @@ def test_pruned_student_computes_what_the_gated_student_computes(make, heads, bl
     per_block = block_cost(model, layout).count(small.num_heads, small.num_kv_heads, small.ffn_size)
     assert _count(pruned) == _count(model) - sum(p.numel() for p in layout.blocks(model).parameters()) \
         + small.num_layers * per_block
-    # Decided gates: the expected sparsity is the sparsity the deterministic gates keep.
+    # Decided gates: the expected sparsity is the sparsity the deterministic gates keep; the saved model's
+    # (common counts) is what its parameters say.
     assert float(method.expected_sparsity().detach()) == pytest.approx(method.kept_sparsity(), abs=1e-3)
+    assert method.saved_sparsity() == pytest.approx(1 - small.num_layers * per_block / method.total)
+    assert method.saved_sparsity() <= method.kept_sparsity() + 1e-9
 
 
 def test_training_gates_are_sampled_and_evaluation_gates_fixed():

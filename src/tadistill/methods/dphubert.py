@@ -24,8 +24,9 @@ model (``structure.materialize``). The deterministic gates are binary (``determi
 the round(E[L0]) units with the largest log_alpha); blocks whose gate is 0 go, and every kept block keeps the
 same number of heads and FFN units, the largest number any kept block keeps (a config has one count; a block
 that keeps fewer also keeps its best zero-gated units, with their output columns zeroed). So the saved model
-computes exactly what the gated student computes in evaluation (tests/test_dphubert.py); the kept sparsity in
-the logs counts each block's own units, the summary's parameter count the saved model's.
+computes exactly what the gated student computes in evaluation (tests/test_dphubert.py). The logs give both:
+``prune/kept_sparsity`` counts each block's own units, ``prune/saved_sparsity`` the saved model's (lower when
+the blocks keep uneven numbers of units).
 
 What DPHuBERT's speech models also prune (the convolutional front end) is not here; gating whole attention
 or FFN sub-layers is what ``blocks`` does for a whole block.
@@ -219,6 +220,11 @@ class JointPruning(MethodHooks):
         """The share of block parameters the deterministic gates remove, each block with its own counts."""
         return 1.0 - kept_block_parameters(self.cost, self.layout, self.deterministic_masks()) / self.total
 
+    def saved_sparsity(self) -> float:
+        """The share of block parameters the saved model removes: every kept block with the common counts."""
+        t = uniform_target(self.layout, self.deterministic_masks())
+        return 1.0 - t.num_layers * self.cost.count(t.num_heads, t.num_kv_heads, t.intermediate_size) / self.total
+
     def lagrangian(self) -> Tensor:
         gap = self.expected_sparsity() - self.target
         return self.gates.lambda_1 * gap + self.gates.lambda_2 * gap * gap
@@ -250,14 +256,15 @@ class JointPruning(MethodHooks):
     def log_values(self) -> dict[str, float]:
         with torch.no_grad():
             values = {"prune/target": self.target, "prune/expected_sparsity": float(self.expected_sparsity()),
-                      "prune/kept_sparsity": self.kept_sparsity(), "prune/lambda_1": float(self.gates.lambda_1),
+                      "prune/kept_sparsity": self.kept_sparsity(), "prune/saved_sparsity": self.saved_sparsity(),
+                      "prune/lambda_1": float(self.gates.lambda_1),
                       "prune/lambda_2": float(self.gates.lambda_2)}
             if "blocks" in self.kinds:
                 values["prune/kept_blocks"] = float(self.deterministic_masks().blocks.sum())
         return values
 
     def after_evaluation(self, row: dict[str, float]) -> dict[str, float]:
-        return {"eval/kept_sparsity": self.kept_sparsity()}
+        return {"eval/kept_sparsity": self.kept_sparsity(), "eval/saved_sparsity": self.saved_sparsity()}
 
     def final_student(self, student: nn.Module) -> nn.Module:
         return prune_by_gates(student, self.layout, self.deterministic_masks())
