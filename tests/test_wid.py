@@ -127,7 +127,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-WID_TINY = ("student.num_layers=4", "wid.w_step=1", "wid.intervals=4", "wid.fade_steps=1", "wid.compactor_lr=0.05", "train.steps=7",
+WID_TINY = ("wid.w_step=1", "wid.intervals=4", "wid.fade_steps=1", "wid.compactor_lr=0.05", "train.steps=7",
             "train.save_every=3")
 
 
@@ -171,8 +171,7 @@ def test_cli_end_to_end_narrower_checkpoint_and_exact_resume(tiny_args, tmp_path
 ])
 def test_bad_input_is_one_line(sets, message, tiny_args, tmp_path, capsys):
     out = tmp_path / "bad"
-    args = tiny_args("student.num_layers=4", *sets)
-    assert main(["distill", "wid", *args, "--out", str(out), "--no-progress"]) == 2
+    assert main(["distill", "wid", *tiny_args(*sets), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
