@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 from conftest import make_tiny_causal
 from safetensors.torch import load_file
+from torch import nn
 
 from tadistill.cli.main import main
 from tadistill.config import WIDConfig
@@ -28,12 +29,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-5
 
 
-def _bert(ffn: int = 64) -> tf.BertForMaskedLM:
+def _bert(ffn: int = 64, family: str = "bert") -> nn.Module:
+    """A 3x32 masked LM, 4 heads, no dropout: BERT, RoBERTa (position ids after the padding index) or DistilBERT
+    (no token types; its own names for every map)."""
     torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                           intermediate_size=ffn, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)
-    return tf.BertForMaskedLM(config).eval()
+    if family == "distilbert":
+        return tf.DistilBertForMaskedLM(tf.DistilBertConfig(
+            vocab_size=97, dim=32, n_layers=3, n_heads=4, hidden_dim=ffn, max_position_embeddings=32, dropout=0.0,
+            attention_dropout=0.0)).eval()
+    config_class, model_class = {"bert": (tf.BertConfig, tf.BertForMaskedLM),
+                                 "roberta": (tf.RobertaConfig, tf.RobertaForMaskedLM)}[family]
+    config = config_class(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                          intermediate_size=ffn, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    return model_class(config).eval()
 
 
 def _wid(model, **settings) -> WID:
@@ -50,9 +59,10 @@ def _inputs():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("attention", ["dims", "heads"])
-def test_folded_compactors_equal_the_unfolded_network(attention):
-    model = _bert()
+@pytest.mark.parametrize("family, attention", [("bert", "dims"), ("bert", "heads"), ("roberta", "dims"),
+                                               ("distilbert", "heads")])
+def test_folded_compactors_equal_the_unfolded_network(family, attention):
+    model = _bert(family=family)
     with torch.no_grad():
         plain = model(**_inputs()).logits
     wid = _wid(model, hidden_size=16, attention=attention, w_step=1, intervals=2, fade_steps=0)
@@ -74,9 +84,9 @@ def test_folded_compactors_equal_the_unfolded_network(attention):
         small = wid.final_student(model)
         torch.testing.assert_close(small(**_inputs()).logits, masked, rtol=0, atol=ATOL)
     heads = 4 if attention == "dims" else 2  # 16 wide: 4 heads of 4 dimensions, or 2 whole heads of 8
-    assert (small.config.num_hidden_layers, small.config.hidden_size, small.config.num_attention_heads,
-            small.config.intermediate_size) == (3, 16, heads, 32)
-    assert not small._forward_hooks and not small.bert.embeddings.word_embeddings._forward_hooks
+    shape = resolve_layout(small)
+    assert (shape.num_layers, shape.hidden_size, shape.num_heads, shape.ffn_size) == (3, 16, heads, 32)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in small.modules())  # a plain model
 
 
 def test_the_masks_reach_the_target_widths_at_the_right_steps():
