@@ -164,7 +164,13 @@ def test_multilingual_study_reports_fidelity_per_language(tmp_path, tiny_teacher
     out = tmp_path / "out"
     report = compare(load_study(path), out=out, progress=False)
     cell = yaml.safe_load((out / "cells" / "hs_2x32" / "config.yaml").read_text())
-    assert cell["data"]["source"] == [str(tiny_corpus), str(second)]  # trained on both corpora
+    # Trained on both corpora, each a language sampled with XLM-R's smoothing (n_i^0.3), reported per language.
+    assert cell["data"]["source"] == [{"path": str(tiny_corpus), "weight": None, "language": "en"},
+                                      {"path": str(second), "weight": None, "language": "xx"}]
+    assert cell["data"]["alpha"] == 0.3
+    mixture = json.loads((out / "cells" / "hs_2x32" / "summary.json").read_text())["data_mixture"]
+    assert set(mixture["languages"]) == {"en", "xx"}
+    assert sum(lang["probability"] for lang in mixture["languages"].values()) == pytest.approx(1.0)
     row = next(r for r in csv.DictReader((report / "results.csv").open()) if r["model"] == "hs_2x32")
     assert float(row["fidelity[en]/final_cka"]) > 0 and float(row["fidelity[xx]/final_cka"]) > 0
     assert row["fidelity[en]/final_cka"] != row["fidelity[xx]/final_cka"]

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from tadistill.config import DistillConfig
 from tadistill.data.prepare import heldout_texts
+from tadistill.data.sources import source_paths
 from tadistill.errors import ConfigError, TadistillError
 from tadistill.fileio import atomic_write_text
 from tadistill.resolve import resolve_config
@@ -55,11 +56,17 @@ def load_study(path: str | Path) -> StudyConfig:
         raise ConfigError(f"study {path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
+MULTILINGUAL_ALPHA = 0.3  # XLM-R's language smoothing (Conneau et al. 2020); a study's data.alpha overrides it
+
+
 def _shared_overrides(study: StudyConfig) -> list[str]:
     out = [f"teacher={study.teacher}", f"trust_remote_code={str(study.trust_remote_code).lower()}"]
     data = dict(study.data)
     if study.languages:
-        data["source"] = list(study.languages.values())
+        # Each language a source of its own, sampled like multilingual pre-training (data.alpha, default 0.3
+        # when the study sets none) and reported per language.
+        data["source"] = [{"path": src, "language": lang} for lang, src in study.languages.items()]
+        data.setdefault("alpha", MULTILINGUAL_ALPHA)
     for key, value in data.items():
         out.append(f"data.{key}={json.dumps(value)}")
     train = dict(study.train)
@@ -160,7 +167,7 @@ def evaluation_texts(study: StudyConfig, config: DistillConfig) -> dict[str, lis
     seed = config.train.seed
     if study.languages:
         return {lang: heldout_texts(src, config.data, seed=seed, limit=limit) for lang, src in study.languages.items()}
-    source = config.data.source if isinstance(config.data.source, str) else config.data.source[0]
+    source = source_paths(config.data.source)[0]
     return {"": heldout_texts(source, config.data, seed=seed, limit=limit)}
 
 

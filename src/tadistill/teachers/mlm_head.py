@@ -58,6 +58,7 @@ from tadistill.config import BUILTIN_MLM_TEACHER, BUILTIN_TEACHER, DataConfig
 from tadistill.data.batches import BatchOrder, collate
 from tadistill.data.masking import IGNORE_INDEX, mask_tokens
 from tadistill.data.prepare import prepare_corpus
+from tadistill.data.sources import source_paths
 from tadistill.errors import ConfigError, DataError, ModelError
 from tadistill.fileio import apply_umask
 from tadistill.loading import is_causal_lm, load_pretrained, load_tokenizer, resolve_model_path
@@ -243,7 +244,7 @@ def fit_mlm_head(body: str, out_dir: str | Path, spec: HeadSpec = HeadSpec(), *,
             "format": HEAD_FORMAT,
             "body": body,
             "spec": spec.to_dict(),
-            "corpus": data.source if isinstance(data.source, str) else list(data.source),
+            "corpus": data.source if isinstance(data.source, str) else source_paths(data.source),
             "train_sequences": len(splits.train),
             "train_tokens": splits.train.num_tokens(),
             "heldout_texts": len(splits.heldout_texts),

@@ -119,7 +119,7 @@ def _final_student(lane: Lane, student, accelerator: Accelerator):
 def finish_lane(
     lane: Lane, accelerator: Accelerator, *, teacher, teacher_arch, tokenizer, texts: list[str], steps: int,
     split_tokens: int, tokens_seen: int, cosine_start: float | None, began: float, teacher_parameters: int | None = None,
-    teacher_embeddings: TeacherEmbeddings | None = None, teacher_config=None,
+    teacher_embeddings: TeacherEmbeddings | None = None, teacher_config=None, data_mixture: dict | None = None,
 ) -> dict[str, Any]:
     """Save the student and write summary.json (main process); return the summary.
 
@@ -160,6 +160,7 @@ def finish_lane(
         "steps": steps,
         "train_split_tokens": split_tokens,  # tokens in the corpus's training split
         "tokens_seen": tokens_seen,  # tokens trained on (valid tokens of every batch, all processes)
+        "data_mixture": data_mixture,  # several sources: per source (and language) the probability and share drawn
         "heldout_loss_start": evals[0]["eval/loss"] if evals else None,
         "heldout_loss_end": evals[-1]["eval/loss"] if evals else None,
         "embedding_cosine_start": cosine_start,

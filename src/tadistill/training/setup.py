@@ -189,7 +189,7 @@ class RunSetup:
             texts=self.texts, steps=result.final_step, split_tokens=self.splits.train.num_tokens(),
             tokens_seen=result.tokens_seen, cosine_start=self.cosine_start[lane.name], began=self.began,
             teacher_parameters=self.teacher_parameters, teacher_embeddings=self.embeddings,
-            teacher_config=self.teacher_config,
+            teacher_config=self.teacher_config, data_mixture=self.splits.mixture,
         )
 
 
