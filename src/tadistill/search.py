@@ -351,11 +351,13 @@ def search_table(result: SearchResult, *, top: int = 10) -> Table:
     speedup is timed interleaved with the teacher on this machine), the held-out loss, and the loss of the same
     sub-network cut from the teacher before training ("at init"); * marks the chosen one."""
     shown = min(top, len(result.ranked))
-    table = Table(title=f"AutoDistil search: best {shown} of {len(result.ranked)} sub-networks within the budget")
+    table = Table(title=f"AutoDistil search: best {shown} of {len(result.ranked)} sub-networks within the budget",
+                  caption="FLOPs: per token, / the teacher's; ms: batch 1, this machine; speed: the teacher's ms / its "
+                  "ms, timed interleaved; loss: held-out relation-mse; init: the same cut from the untrained teacher")
     table.add_column("#", justify="right")
     table.add_column("sub-network", no_wrap=True)
-    for column in ("params", "FLOPs/T", "ms (b1)", "speedup", "loss", "at init"):
-        table.add_column(column, justify="right")
+    for column in ("params", "FLOPs", "ms", "speed", "loss", "init"):
+        table.add_column(column, justify="right", no_wrap=True)
     t = result.teacher
     table.add_row("T", f"teacher {t['shape'].split(' ')[0]}", f"{t['parameters'] / 1e6:.2f}M", "1.000", "", "1.00x",
                   "", "")
