@@ -211,6 +211,7 @@ def test_evaluation_against_baselines(compressor_dir, tiny_gpt2, tmp_path):
     options = EvaluateOptions(rates=(0.3, 0.6), examples=3, prompt_tokens=30, continuation_tokens=10,
                               heldout_fraction=0.5)
     rows = evaluate_compression(Compressor.load(str(compressor_dir)), lm, tokenizer, texts, options)
+    assert all("embedding_cosine" not in r for r in rows)  # no embedder, no embedding measure
     assert [r["selector"] for r in rows] == ["full prompt", "no prompt", *SELECTORS, *SELECTORS]
     full, none = rows[0], rows[1]
     assert full["loss_increase"] == 0.0 and full["words_kept"] == 1.0 and none["words_kept"] == 0.0
@@ -228,14 +229,18 @@ def test_evaluation_against_baselines(compressor_dir, tiny_gpt2, tmp_path):
         evaluate_compression(Compressor.load(str(compressor_dir)), lm, tokenizer, ["too short."] * 10, options)
 
 
-def test_evaluate_cli_writes_table_and_plot(compressor_dir, tiny_gpt2, corpus, tmp_path, capsys):
+def test_evaluate_cli_writes_table_and_plot(compressor_dir, tiny_gpt2, corpus, encoder, tmp_path, capsys):
     out = tmp_path / "eval"
     code, stdout, err = _run(capsys, ["lingua", "evaluate", "--model", str(compressor_dir), "--lm", str(tiny_gpt2),
                                       "--data", str(corpus), "--rates", "0.5", "--examples", "2", "--prompt-tokens",
-                                      "20", "--continuation-tokens", "8", "--out", str(out), "--no-progress"])
+                                      "20", "--continuation-tokens", "8", "--out", str(out), "--no-progress",
+                                      "--embedder", str(encoder)])
     assert code == 0, err
     assert "lingua r=0.5" in stdout and "self-info r=0.5" in stdout
     for name in ("results.json", "results.csv", "results.md", "summary.json", "lingua_eval.png"):
         assert (out / name).is_file()
     assert (out / "lingua_eval.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["annotator"] == "information"
+    rows = json.loads((out / "results.json").read_text())
+    assert rows[0]["embedding_cosine"] == 1.0 and "embedding_cosine" not in rows[1]  # full prompt; no prompt
+    assert all(-1.0 <= r["embedding_cosine"] <= 1.0 for r in rows[2:])

@@ -73,6 +73,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--prompt-tokens", type=int, default=e.prompt_tokens)
     q.add_argument("--continuation-tokens", type=int, default=e.continuation_tokens)
     q.add_argument("--seed", type=int, default=e.seed)
+    q.add_argument("--embedder", default="builtin", help="sentence encoder for the embedding cosine of compressed "
+                   "and full prompts (default: builtin, all-MiniLM-L6-v2); 'none' to skip it")
     q.add_argument("--out", required=True, help="folder for results.json/.csv/.md, summary.json and the plot")
     q.add_argument("--no-progress", action="store_true")
 
@@ -154,10 +156,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     options = EvaluateOptions(rates=tuple(args.rates), examples=args.examples, prompt_tokens=args.prompt_tokens,
                               continuation_tokens=args.continuation_tokens, seed=args.seed)
     ensure_builtin_teacher(args.lm, progress=not args.no_progress)
+    embedder = None if args.embedder.lower() == "none" else args.embedder
     result = run_evaluation(args.model, args.lm, args.data, args.out, options,
-                            progress=_Progress("examples", not args.no_progress))
+                            progress=_Progress("examples", not args.no_progress), embedder=embedder)
     columns = ["model", "words_kept", "lm_tokens_ratio", "loss", "loss_increase", "loss_increase_se",
-               "kept_information"]
+               "kept_information", *(["embedding_cosine"] if embedder else [])]
     print(markdown_table(result["rows"], columns, floatfmt=".3f"), end="")
     print(f"{result['examples']} held-out examples, LM {args.lm}, compressor trained on the "
           f"{result['annotator'] or '?'} annotator's labels; written to {args.out}")

@@ -13,7 +13,11 @@ measure is the LM's mean next-token loss on the continuation given
 
 Reported per selector and rate: the mean loss, its increase over the full prompt with the standard error of that
 paired difference over examples, and the kept information (loss_none - loss_r) / (loss_none - loss_full):
-1 when the compressed prompt serves as well as the full one, 0 when it serves no better than no prompt.
+1 when the compressed prompt serves as well as the full one, 0 when it serves no better than no prompt (None
+when the LM does no better with the full prompt than without: then the LM cannot tell what a prompt keeps).
+With an ``embedder`` (a sentence encoder; the built-in all-MiniLM-L6-v2 by default in ``run_evaluation``), also
+the mean cosine between the embeddings of the compressed and the full prompt: what the compression keeps of
+the prompt's meaning, whatever the LM makes of it.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def _summary(name: str, rate: float | None, losses: list[float], full: list[floa
 
 def evaluate_compression(
     compressor: Compressor, lm, lm_tokenizer, texts: Sequence[str], options: EvaluateOptions | None = None,
-    *, progress: Callable[[int, int], None] | None = None,
+    *, progress: Callable[[int, int], None] | None = None, embedder: tuple | None = None,
 ) -> list[dict]:
     """Result rows: the full prompt, no prompt, then every selector at every rate (module docstring)."""
     options = options or EvaluateOptions()
@@ -150,6 +154,7 @@ def evaluate_compression(
     keys: list[tuple[str, float | None, int]] = []  # (selector, rate, example) of each job
     kept: dict[tuple[str, float], list[float]] = {}
     ratios: dict[tuple[str, float], list[float]] = {}
+    compressed: dict[tuple[str, float], list[str]] = {}
     for n, (example, lingua) in enumerate(zip(examples, probabilities)):
         ids = word_token_ids(lm_tokenizer, example.prompt)
         full_ids = [t for word in ids for t in word]
@@ -167,6 +172,7 @@ def evaluate_compression(
                 keys.append((name, rate, n))
                 kept.setdefault((name, rate), []).append(sum(keep) / len(keep))
                 ratios.setdefault((name, rate), []).append(len(full_ids) / max(1, len(prompt_ids)))
+                compressed.setdefault((name, rate), []).append(text)
         if progress:
             progress(n + 1, len(examples))
     losses = continuation_losses(lm, jobs, start_id=start, batch_size=options.batch_size)
@@ -181,9 +187,28 @@ def evaluate_compression(
     for rate in options.rates:
         for name in SELECTORS:
             rows.append(_summary(name, rate, by[(name, rate)], full, none, kept[(name, rate)], ratios[(name, rate)]))
+    if embedder is not None:
+        cosines = _embedding_cosines(embedder, [join_words(e.prompt) for e in examples], compressed)
+        rows[0]["embedding_cosine"] = 1.0
+        for row in rows[2:]:
+            row["embedding_cosine"] = cosines[(row["selector"], row["rate"])]
     for row in rows:
         row["examples"] = len(examples)
     return rows
+
+
+def _embedding_cosines(embedder: tuple, originals: list[str], compressed: dict[tuple[str, float], list[str]]
+                       ) -> dict[tuple[str, float], float]:
+    """Mean cosine of mean-pooled sentence embeddings, compressed vs original prompt, per (selector, rate)."""
+    from tadistill.measure.embeddings import sentence_embeddings
+
+    model, tokenizer = embedder
+    reference = sentence_embeddings(model, tokenizer, originals)  # (N, d)
+    out = {}
+    for key, texts in compressed.items():
+        emb = sentence_embeddings(model, tokenizer, texts)
+        out[key] = float(F.cosine_similarity(emb, reference, dim=-1).mean())
+    return out
 
 
 def plot_rates(rows: list[dict], path: str | Path) -> Path:
@@ -213,8 +238,10 @@ def plot_rates(rows: list[dict], path: str | Path) -> Path:
 
 
 def run_evaluation(model: str, lm: str, data: str, out: str | Path, options: EvaluateOptions | None = None,
-                   *, progress: Callable[[int, int], None] | None = None, text_field: str = "text") -> dict:
-    """Load the compressor, the LM and the corpus; write results.json / .csv / .md and the plot to ``out``."""
+                   *, progress: Callable[[int, int], None] | None = None, text_field: str = "text",
+                   embedder: str | None = "builtin") -> dict:
+    """Load the compressor, the LM, the sentence encoder (``embedder``; None: no embedding measure) and the
+    corpus; write results.json / .csv / .md, summary.json and the plot to ``out``."""
     options = options or EvaluateOptions()
     from tadistill.data.sources import load_texts
     from tadistill.loading import (
@@ -231,18 +258,21 @@ def run_evaluation(model: str, lm: str, data: str, out: str | Path, options: Eva
         raise ModelError(f"evaluation LM {lm!r} is not a causal LM: pass a GPT-style model, e.g. builtin-gpt2")
     lm_model = load_pretrained(lm, head="causal-lm", what="evaluation LM").eval()
     tokenizer = load_tokenizer(lm, what="evaluation LM")
+    encoder = None
+    if embedder:
+        encoder = (load_pretrained(embedder, what="sentence encoder"), load_tokenizer(embedder, what="sentence encoder"))
     began = time.perf_counter()
     rows = evaluate_compression(compressor, lm_model, tokenizer, load_texts(data, text_field=text_field), options,
-                                progress=progress)
+                                progress=progress, embedder=encoder)
     out = Path(out)
     headline = ["rate", "words_kept", "lm_tokens_ratio", "loss", "loss_increase", "loss_increase_se",
-                "kept_information"]
+                "kept_information", *(["embedding_cosine"] if embedder else [])]
     paths = write_results(out, rows, teacher_name="full prompt", headline=headline)
     plot = plot_rates(rows, out / PLOT_FILE)
     info_path = Path(compressor.model.name_or_path) / "lingua.json"
     trained = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     summary = {"compressor": model, "annotator": trained.get("annotator"), "annotator_teacher": trained.get("teacher"),
-               "lm": lm, "data": data, "options": asdict(options), "examples": rows[0]["examples"],
+               "lm": lm, "embedder": embedder, "data": data, "options": asdict(options), "examples": rows[0]["examples"],
                "seconds": round(time.perf_counter() - began, 1), "files": {**{k: str(v) for k, v in paths.items()},
                                                                            "plot": str(plot)}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
