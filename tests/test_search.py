@@ -121,7 +121,7 @@ def test_bad_input_is_one_line(superlm_run, tmp_path, capsys):
 
 def test_distil_trains_the_extracted_subnetwork(superlm_run):
     assert _search(superlm_run, "--flops", "0.5", "--name", "distilled", "--distil", "--steps", "2",
-                   "--set", "train.eval_batches=1", "--set", "train.log_every=1") == 0
+                   "--set", "train.eval_batches=4", "--set", "train.log_every=1") == 0
     run = superlm_run / "search" / "distilled" / "distil"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
@@ -130,6 +130,8 @@ def test_distil_trains_the_extracted_subnetwork(superlm_run):
     assert (student.config.num_hidden_layers, student.config.hidden_size) == (chosen["layers"], chosen["hidden"])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["student_parameters"] == chosen["params"]
+    # The search's loss is the loop's held-out loss: the same 4 held-out batches, the same relation-mse.
+    assert summary["heldout_loss_start"] == pytest.approx(chosen["loss"], rel=1e-5)
 
 
 def test_a_grouped_query_llama_superlm_end_to_end(tiny_llama, tiny_corpus, tmp_path):
