@@ -103,6 +103,7 @@ def test_minitron_through_the_cli_prunes_then_distils(tiny_gpt2, causal_args, tm
     pruned = summary["stages"]["prune"]
     assert pruned["student_parameters"] == count_parameters(tf.AutoModelForCausalLM.from_pretrained(prune / "student"))
     assert pruned["student_parameters"] < pruned["teacher_parameters"] == summary["teacher_parameters"]
+    assert 0 < pruned["student_flops_per_token"] < pruned["teacher_flops_per_token"]
     assert len(pruned["kept_blocks"]) == 2 and all(len(h) == 3 for h in pruned["kept_heads"])
     assert set(load_file(str(prune / "importance.safetensors"))) == {"heads", "ffn", "hidden", "blocks"}
     # The distillation stage started from the pruned student (not from block selection) and trained it.

@@ -60,3 +60,14 @@ def flops_per_token(config: PretrainedConfig, *, seq_len: int = 128, head: str =
             raise ConfigError(f"model type {shape.family!r} has no vocabulary: use head 'base'")
         total += 2 * shape.embedding_size * shape.vocab_size
     return total
+
+
+def known_flops_per_token(config: PretrainedConfig | None, *, seq_len: int) -> int | None:
+    """``flops_per_token`` of a run summary: None for a family whose shape is not known (a summary leaves the
+    figure out rather than failing a finished run)."""
+    if config is None:
+        return None
+    try:
+        return flops_per_token(config, seq_len=seq_len)
+    except (ConfigError, ValueError, AttributeError):
+        return None

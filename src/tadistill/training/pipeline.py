@@ -14,11 +14,11 @@ from accelerate.utils import DistributedType
 from safetensors.torch import save
 
 from tadistill.capture.architectures import resolve_architecture
-from tadistill.errors import ConfigError, TrainingError
+from tadistill.errors import TrainingError
 from tadistill.fileio import apply_umask, atomic_open, atomic_write_text
 from tadistill.loading import resolve_model_path
 from tadistill.measure.embeddings import TeacherEmbeddings
-from tadistill.measure.flops import flops_per_token
+from tadistill.measure.flops import known_flops_per_token
 from tadistill.measure.parameters import count_parameters
 from tadistill.measure.perplexity import causal_perplexity
 from tadistill.training.hooks import overrides
@@ -92,15 +92,6 @@ def save_student(student, tokenizer, target: Path, *, teacher_dir: Path, state_d
     os.replace(tmp, target)
 
 
-def _flops(model_config, config) -> int | None:
-    if model_config is None:
-        return None
-    try:
-        return flops_per_token(model_config, seq_len=config.data.max_length)
-    except (ConfigError, ValueError, AttributeError):  # a family without a known shape: leave it out, do not fail
-        return None
-
-
 def _final_student(lane: Lane, student, accelerator: Accelerator):
     """The model the lane's methods hand back for saving (``MethodHooks.final_student``), and its architecture.
 
@@ -155,8 +146,9 @@ def finish_lane(
         "teacher_parameters": count_parameters(teacher) if teacher is not None else teacher_parameters,
         "student_parameters": count_parameters(final),
         # Forward FLOPs per token at the run's sequence length, bodies only (measure/flops.py)
-        "teacher_flops_per_token": _flops(teacher.config if teacher is not None else teacher_config, config),
-        "student_flops_per_token": _flops(final.config, config),
+        "teacher_flops_per_token": known_flops_per_token(teacher.config if teacher is not None else teacher_config,
+                                                         seq_len=config.data.max_length),
+        "student_flops_per_token": known_flops_per_token(final.config, seq_len=config.data.max_length),
         "steps": steps,
         "train_split_tokens": split_tokens,  # tokens in the corpus's training split
         "tokens_seen": tokens_seen,  # tokens trained on (valid tokens of every batch, all processes)

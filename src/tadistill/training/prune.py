@@ -32,6 +32,7 @@ from tadistill.data.prepare import prepare_corpus
 from tadistill.errors import ConfigError
 from tadistill.fileio import atomic_open, atomic_write_text
 from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
+from tadistill.measure.flops import known_flops_per_token
 from tadistill.measure.parameters import count_parameters
 from tadistill.measure.perplexity import causal_perplexity
 from tadistill.registry import PRUNING
@@ -144,6 +145,8 @@ class PruneSetup:
                              f"{layout.num_kv_heads} key/value heads, FFN {layout.ffn_size})",
             "teacher_parameters": count_parameters(self.teacher),
             "student_parameters": count_parameters(student),
+            "teacher_flops_per_token": known_flops_per_token(self.teacher.config, seq_len=config.data.max_length),
+            "student_flops_per_token": known_flops_per_token(student.config, seq_len=config.data.max_length),
             "kept_blocks": kept.blocks,  # 0-based teacher blocks, in order
             "kept_heads": kept.heads,  # per kept block: the teacher's query heads
             "calibration_sequences": self.batches * config.train.batch_size,
