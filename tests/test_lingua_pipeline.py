@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -74,20 +73,26 @@ def test_information_annotation_writes_labels_and_statistics(annotations):
     assert stats["chunk_tokens"] == 63
 
 
-def test_information_scores_measure_what_a_word_tells_about_what_follows(tiny_gpt2):
+def test_information_scores_measure_what_a_word_says_and_tells_about_what_follows(tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     ids = [[5], [6, 7], [], [8], [9]]
-    scores = information_scores(model, ids, start_id=0, follow_tokens=2, batch_size=3)
-    assert math.isnan(scores[2]) and math.isnan(scores[4])  # no tokens; nothing after it
+    follow = information_scores(model, ids, start_id=0, follow_tokens=2, batch_size=3, own_information=False)
     # Word 0 by hand: loss of tokens 6, 7 without it minus with it.
     with torch.no_grad():
-        full = torch.log_softmax(model(torch.tensor([[0, 5, 6, 7]])).logits[0], -1)
+        full = torch.log_softmax(model(torch.tensor([[0, 5, 6, 7, 8, 9]])).logits[0], -1)
         cut = torch.log_softmax(model(torch.tensor([[0, 6, 7]])).logits[0], -1)
     with_word = -(full[1, 6] + full[2, 7])
     without = -(cut[0, 6] + cut[1, 7])
-    assert scores[0] == pytest.approx(float(without - with_word) / 2, abs=1e-5)
+    assert follow[0] == pytest.approx(float(without - with_word), abs=1e-4)
+    # No tokens (word 2) or nothing after it (word 4): the median of the others' follow terms.
+    assert follow[2] == follow[4] == pytest.approx(sorted(follow[i] for i in (0, 1, 3))[1])
+    # With its own surprisal: word 0 adds -log p(5 | start), word 1 the sum over its two tokens.
+    both = information_scores(model, ids, start_id=0, follow_tokens=2, batch_size=3)
+    assert both[0] - follow[0] == pytest.approx(float(-full[0, 5]), abs=1e-4)
+    assert both[1] - follow[1] == pytest.approx(float(-full[1, 6] - full[2, 7]), abs=1e-4)
+    assert both[2] == follow[2]  # a word without tokens says nothing itself
 
 
 def test_instruction_annotator_plumbing_on_a_tiny_causal_lm(tiny_gpt2, corpus, tmp_path, monkeypatch):

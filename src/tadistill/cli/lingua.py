@@ -44,6 +44,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--max-chunks", type=int, default=a.max_chunks)
     q.add_argument("--chunk-tokens", type=int, default=a.chunk_tokens, help="most teacher tokens in a chunk")
     q.add_argument("--keep-fraction", type=float, default=a.keep_fraction, help="information annotator: words kept")
+    q.add_argument("--follow-only", action="store_true", help="information annotator: score a word by its effect "
+                   "on the next tokens only, without its own surprisal")
     q.add_argument("--window", type=int, default=a.window, help="instruction annotator: matching window (words)")
     q.add_argument("--instruction-file", help="a file with the instruction; {text} marks where the chunk goes")
     q.add_argument("--batch-size", type=int, default=a.batch_size)
@@ -85,7 +87,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--target-tokens", type=int, help="a token budget instead of the rate")
     p.add_argument("--force-tokens", default="", help='words always kept, comma-separated, e.g. "\\n,?"')
     p.add_argument("--keep-digits", action="store_true", help="always keep words with a digit")
-    p.add_argument("--batch-size", type=int, default=32, help="chunks per forward (default 32)")
+    p.add_argument("--batch-size", type=int, help="chunks per forward (default: 32 on a GPU, 1 on a CPU)")
     p.add_argument("--json", action="store_true", help="one JSON object: text, token counts, ratio")
 
 
@@ -116,7 +118,8 @@ def _annotate(args: argparse.Namespace) -> int:
 
     instruction = read_text_file(args.instruction_file) if args.instruction_file else INSTRUCTION
     options = AnnotateOptions(annotator=args.annotator, max_chunks=args.max_chunks, chunk_tokens=args.chunk_tokens,
-                              keep_fraction=args.keep_fraction, window=args.window, batch_size=args.batch_size,
+                              keep_fraction=args.keep_fraction, window=args.window,
+                              own_information=not args.follow_only, batch_size=args.batch_size,
                               instruction=instruction)
     ensure_builtin_teacher(args.teacher, progress=not args.no_progress)
     stats = annotate(args.teacher, args.data, Path(args.out), options, overwrite=args.overwrite,

@@ -8,12 +8,17 @@ Two annotators write the same dataset:
   information); its output is matched back to the original words (``labels.match_labels``). Any local causal LM
   works; a base model gives the plumbing, an instruction-tuned one the paper's setting.
 - ``information``: for a causal teacher that cannot follow instructions (``builtin-gpt2``). A word's score is
-  how much deleting it raises the teacher's loss on what follows:
-  score_i = mean_{t in F_i} [ -log p(x_t | C_i, F_i<t) + log p(x_t | C_i, w_i, F_i<t) ],
+  how much deleting it raises the teacher's loss on the text from the word on, in nats:
+  score_i = sum_{t in w_i} -log p(x_t | C_i, w_i<t)                                    (own_information)
+          + sum_{t in F_i} [ -log p(x_t | C_i, F_i<t) + log p(x_t | C_i, w_i, F_i<t) ],
   with w_i the word's tokens, C_i every token before it in its chunk and F_i up to ``follow_tokens`` tokens
-  after it. The second term comes from one forward pass over the whole chunk; the first from the chunk with
-  w_i cut out (one sequence per word, batched). The top ``keep_fraction`` of each chunk's words are kept. A
-  word with nothing after it in its chunk (or no tokens) gets the chunk's median score.
+  after it: what the word says itself (its surprisal, lost with it) plus what it tells about what follows.
+  The with-word terms come from one forward pass over the whole chunk; the without-word term from the chunk
+  with w_i cut out (one sequence per word, batched). The top ``keep_fraction`` of each chunk's words are kept.
+  Without its first term (``own_information=False``) the score ranks words by their effect on the next tokens
+  only; with a teacher as small as builtin-gpt2 that favours short function words, and a compressor trained on
+  it kept less of the prompt than random dropping (README, Prompt compression). A word with no tokens or
+  nothing after it in its chunk gets the chunk's median score for the second term.
 
 Both label the words of chunks of at most ``chunk_tokens`` teacher tokens cut at sentence ends (sec. 3.2),
 attach the variation rate and alignment gap, and filter the worst (``labels.quality_filter``). The corpus
@@ -97,8 +102,11 @@ def bos_id(tokenizer) -> int:
 @torch.inference_mode()
 def information_scores(
     model, ids: Sequence[Sequence[int]], *, start_id: int, follow_tokens: int, batch_size: int,
+    own_information: bool = True,
 ) -> list[float]:
-    """score_i of every word of one chunk (module docstring); NaN for a word with no tokens or nothing after it.
+    """score_i of every word of one chunk (module docstring). The follow term is NaN for a word with no tokens or
+    nothing after it; it is replaced by the median of the others' (0 when there are none) before the word's own
+    surprisal is added.
 
     ``ids[i]``: the token ids of word i. The chunk is opened with ``start_id``; the sequences without a word are
     right-padded and run ``batch_size`` at a time.
@@ -120,10 +128,16 @@ def information_scores(
         if word and follow:
             jobs.append((i, [*flat[:s], *follow], s, len(follow)))
     nll_without = _follow_losses(model, jobs, batch_size)
-    scores = [math.nan] * len(ids)
+    follow = [math.nan] * len(ids)
     for (word, _, _, n), without in zip(jobs, nll_without):
         e = starts[word] + len(ids[word])
-        scores[word] = (without - sum(nll_with[e:e + n])) / n  # loss without the word minus with it, per F token
+        follow[word] = without - sum(nll_with[e:e + n])  # loss of F without the word minus with it
+    finite = [f for f in follow if math.isfinite(f)]
+    fill = statistics.median(finite) if finite else 0.0
+    scores = []
+    for i, word in enumerate(ids):
+        own = sum(nll_with[starts[i]:starts[i] + len(word)]) if own_information else 0.0
+        scores.append(own + (follow[i] if math.isfinite(follow[i]) else fill))
     return scores
 
 
@@ -270,7 +284,7 @@ def annotate(
         for n, chunk in enumerate(chunks):
             ids = word_token_ids(tokenizer, chunk)
             scores = information_scores(model, ids, start_id=bos_id(tokenizer), follow_tokens=options.follow_tokens,
-                                        batch_size=options.batch_size)
+                                        batch_size=options.batch_size, own_information=options.own_information)
             labels = information_labels(scores, options.keep_fraction)
             records.append(_record(chunk, labels, scores=scores))
             if progress:

@@ -65,6 +65,7 @@ class AnnotateOptions:
         keep_fraction: information annotator: the share of each chunk's words kept (0.5: balanced classes; the
             compressor ranks words, so its rate is chosen at compression time, not here).
         follow_tokens: information annotator: the tokens of F_i, after the word (``annotate`` docstring).
+        own_information: information annotator: add the word's own surprisal to its effect on F_i.
         window: original words searched after the last match (instruction annotator).
         variation_top / gap_top: the shares of samples dropped for the highest variation rate / alignment gap.
         batch_size: sequences per teacher forward or generate call.
@@ -77,6 +78,7 @@ class AnnotateOptions:
     chunk_tokens: int = 512
     keep_fraction: float = 0.5
     follow_tokens: int = 16
+    own_information: bool = True
     window: int = DEFAULT_WINDOW
     variation_top: float = VARIATION_TOP
     gap_top: float = GAP_TOP

@@ -98,7 +98,7 @@ def _batch(tokenizer, pieces, mode: str, max_length: int) -> dict[str, torch.Ten
     return {**inputs, "labels": torch.tensor(labels)}
 
 
-def heldout_scores(compressor: Compressor, pieces, *, batch_size: int = 32) -> dict[str, float]:
+def heldout_scores(compressor: Compressor, pieces, *, batch_size: int | None = None) -> dict[str, float]:
     """Word accuracy at p_keep > 0.5, F1 of "keep" at the annotation's own rate, and the all-keep F1 baseline."""
     probs = compressor.probabilities([words for words, _ in pieces], batch_size=batch_size)
     right = total = tp = fp = fn = positives = 0
