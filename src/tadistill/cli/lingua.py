@@ -163,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = run_evaluation(args.model, args.lm, args.data, args.out, options,
                             progress=_Progress("examples", not args.no_progress), embedder=embedder)
     columns = ["model", "words_kept", "lm_tokens_ratio", "loss", "loss_increase", "loss_increase_se",
-               "kept_information", *(["embedding_cosine"] if embedder else [])]
+               "kept_information", *(["embedding_cosine", "embedding_cosine_se"] if embedder else [])]
     print(markdown_table(result["rows"], columns, floatfmt=".3f"), end="")
     print(f"{result['examples']} held-out examples, LM {args.lm}, compressor trained on the "
           f"{result['annotator'] or '?'} annotator's labels; written to {args.out}")

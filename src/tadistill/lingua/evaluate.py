@@ -17,7 +17,7 @@ paired difference over examples, and the kept information (loss_none - loss_r) /
 when the LM does no better with the full prompt than without: then the LM cannot tell what a prompt keeps).
 With an ``embedder`` (a sentence encoder; the built-in all-MiniLM-L6-v2 by default in ``run_evaluation``), also
 the mean cosine between the embeddings of the compressed and the full prompt: what the compression keeps of
-the prompt's meaning, whatever the LM makes of it.
+the prompt's meaning, whatever the LM makes of it (with the standard error over examples).
 """
 
 from __future__ import annotations
@@ -191,15 +191,18 @@ def evaluate_compression(
         cosines = _embedding_cosines(embedder, [join_words(e.prompt) for e in examples], compressed)
         rows[0]["embedding_cosine"] = 1.0
         for row in rows[2:]:
-            row["embedding_cosine"] = cosines[(row["selector"], row["rate"])]
+            values = cosines[(row["selector"], row["rate"])]
+            row["embedding_cosine"] = statistics.fmean(values)
+            row["embedding_cosine_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
     for row in rows:
         row["examples"] = len(examples)
     return rows
 
 
 def _embedding_cosines(embedder: tuple, originals: list[str], compressed: dict[tuple[str, float], list[str]]
-                       ) -> dict[tuple[str, float], float]:
-    """Mean cosine of mean-pooled sentence embeddings, compressed vs original prompt, per (selector, rate)."""
+                       ) -> dict[tuple[str, float], list[float]]:
+    """Per example, the cosine of mean-pooled sentence embeddings, compressed vs original prompt, per (selector,
+    rate)."""
     from tadistill.measure.embeddings import sentence_embeddings
 
     model, tokenizer = embedder
@@ -207,7 +210,7 @@ def _embedding_cosines(embedder: tuple, originals: list[str], compressed: dict[t
     out = {}
     for key, texts in compressed.items():
         emb = sentence_embeddings(model, tokenizer, texts)
-        out[key] = float(F.cosine_similarity(emb, reference, dim=-1).mean())
+        out[key] = F.cosine_similarity(emb, reference, dim=-1).tolist()
     return out
 
 
@@ -266,7 +269,7 @@ def run_evaluation(model: str, lm: str, data: str, out: str | Path, options: Eva
                                 progress=progress, embedder=encoder)
     out = Path(out)
     headline = ["rate", "words_kept", "lm_tokens_ratio", "loss", "loss_increase", "loss_increase_se",
-                "kept_information", *(["embedding_cosine"] if embedder else [])]
+                "kept_information", *(["embedding_cosine", "embedding_cosine_se"] if embedder else [])]
     paths = write_results(out, rows, teacher_name="full prompt", headline=headline)
     plot = plot_rates(rows, out / PLOT_FILE)
     info_path = Path(compressor.model.name_or_path) / "lingua.json"
