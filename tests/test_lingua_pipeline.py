@@ -242,7 +242,8 @@ def test_evaluate_cli_writes_table_and_plot(compressor_dir, tiny_gpt2, corpus, e
                                       "--embedder", str(encoder)])
     assert code == 0, err
     assert "lingua r=0.5" in stdout and "self-info r=0.5" in stdout
-    for name in ("results.json", "results.csv", "results.md", "summary.json", "lingua_eval.png"):
+    for name in ("results.json", "results.csv", "results.md", "summary.json", "lingua_eval.png",
+                 "lingua_eval_embedding.png"):
         assert (out / name).is_file()
     assert (out / "lingua_eval.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["annotator"] == "information"

@@ -47,7 +47,7 @@ from tadistill.lingua.options import EvaluateOptions
 from tadistill.lingua.words import NEWLINE, Word, chunk_spans, join_words, split_words
 
 SELECTORS = ("lingua", "random", "self-info")
-PLOT_FILE = "lingua_eval.png"
+PLOT_FILE, EMBEDDING_PLOT_FILE = "lingua_eval.png", "lingua_eval_embedding.png"
 
 
 @dataclass
@@ -214,28 +214,29 @@ def _embedding_cosines(embedder: tuple, originals: list[str], compressed: dict[t
     return out
 
 
-def plot_rates(rows: list[dict], path: str | Path) -> Path:
-    """Loss increase over the full prompt against the share of words kept, one line per selector (error bars:
-    the standard error of the paired difference), with no prompt as a dashed line."""
-    from tadistill.reports.plots import (  # the project's Agg figure and atomic PNG writer
-        _new_figure,
-        _save,
-    )
+def plot_rates(rows: list[dict], path: str | Path, *, key: str = "loss_increase") -> Path:
+    """``key`` against the share of words kept, one line per selector, error bars of its standard error (``key``
+    + "_se"): the loss increase over the full prompt (with no prompt as a dashed line) or the embedding cosine."""
+    from tadistill.reports.plots import _new_figure, _save  # the project's Agg figure and atomic PNG writer
 
     figure, axes = _new_figure()
     for name in SELECTORS:
-        points = sorted((r["rate"], r["loss_increase"], r["loss_increase_se"] or 0.0) for r in rows
-                        if r["selector"] == name)
+        points = sorted((r["rate"], r[key], r.get(key + "_se") or 0.0) for r in rows
+                        if r["selector"] == name and r.get(key) is not None)
         if points:
             xs, ys, es = zip(*points)
             axes.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
     none = next((r for r in rows if r["selector"] == "no prompt"), None)
-    if none is not None:
-        axes.axhline(none["loss_increase"], linestyle="--", color="grey", label="no prompt")
-    axes.axhline(0.0, linestyle=":", color="black", linewidth=0.8)
+    if key == "loss_increase":
+        if none is not None:
+            axes.axhline(none["loss_increase"], linestyle="--", color="grey", label="no prompt")
+        axes.axhline(0.0, linestyle=":", color="black", linewidth=0.8)
+        axes.set_ylabel("continuation loss - loss with the full prompt (nats)")
+        axes.set_title("What the compressed prompt keeps for the LM")
+    else:
+        axes.set_ylabel("embedding cosine to the full prompt")
+        axes.set_title("What the compressed prompt keeps of its meaning")
     axes.set_xlabel("share of prompt words kept")
-    axes.set_ylabel("continuation loss - loss with the full prompt (nats)")
-    axes.set_title("What the compressed prompt keeps")
     axes.legend()
     return _save(figure, path)
 
@@ -272,6 +273,8 @@ def run_evaluation(model: str, lm: str, data: str, out: str | Path, options: Eva
                 "kept_information", *(["embedding_cosine", "embedding_cosine_se"] if embedder else [])]
     paths = write_results(out, rows, teacher_name="full prompt", headline=headline)
     plot = plot_rates(rows, out / PLOT_FILE)
+    if embedder:
+        plot_rates(rows, out / EMBEDDING_PLOT_FILE, key="embedding_cosine")
     info_path = Path(compressor.model.name_or_path) / "lingua.json"
     trained = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     summary = {"compressor": model, "annotator": trained.get("annotator"), "annotator_teacher": trained.get("teacher"),
