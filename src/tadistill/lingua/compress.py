@@ -9,9 +9,9 @@ rate: each chunk gets its share of the budget in proportion to its tokens and ke
 while they fit. Token counts are the compressor's tokenizer's (no special tokens).
 
 Long inputs are cut into chunks and run ``batch_size`` chunks at a time, so memory stays that of one batch
-whatever the length. The default batch is 32 chunks on a GPU and 1 on a CPU: on 2 CPU cores one chunk at a
-time was faster (1,698 words/s against 1,069 at batch 32, ``benchmarks/lingua_speed.py``), its activations
-staying in cache.
+whatever the length. The default batch is 32 chunks on a GPU and 1 on a CPU: on 2 CPU cores with one torch
+thread one chunk at a time was faster in each of 5 alternating repeats (1,657 words/s against 1,417 at batch 32,
+``benchmarks/lingua_speed.py``).
 """
 
 from __future__ import annotations
