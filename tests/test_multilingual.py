@@ -78,7 +78,9 @@ def test_study_distils_three_languages_and_reports_fidelity_per_language(xlmr, s
     teacher, corpus = xlmr
     out, report = study
     cell = yaml.safe_load((out / "cells" / "hs_1x32" / "config.yaml").read_text())
-    assert sorted(cell["data"]["source"]) == sorted(str(p) for p in corpus.values())  # trained on the three corpora
+    # Trained on the three corpora, one language each (sampled by n^alpha).
+    assert sorted((e["language"], e["path"]) for e in cell["data"]["source"]) == \
+        sorted((lang, str(p)) for lang, p in corpus.items())
     rows = {r["model"]: r for r in csv.DictReader((report / "results.csv").open())}
     for name in ("od_1x32", "hs_1x32", "mha_1x32"):
         per_language = [float(rows[name][f"fidelity[{lang}]/final_cka"]) for lang in LANGUAGES]

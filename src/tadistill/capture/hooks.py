@@ -209,6 +209,8 @@ def _register_pass_bookends(model: nn.Module, request: CaptureRequest, captured:
 def _recomputing() -> bool:
     """Whether this forward is activation checkpointing's recomputation inside backward: the loss already read
     the first forward's tensors, so storing again would only keep a block's graph alive until the next batch."""
+    if torch.compiler.is_compiling():  # traced into a compiled forward: dynamo cannot read the autograd engine
+        return False
     task = getattr(torch._C, "_current_graph_task_id", None)  # private: -1 outside a backward pass
     return task is not None and task() != -1
 
