@@ -9,6 +9,9 @@ Scores: stdlib-retrieval (acc@1, MRR; zero-shot cosine, pairs not in the corpus)
     .venv/bin/python benchmarks/issue18_gain.py --name demo-s0 --out runs/issue18            # the demo
     .venv/bin/python benchmarks/issue18_gain.py --name emb-s0 --out runs/issue18 \\
         --set "objectives=[{kind: minilmv2}, {kind: embedding, loss: cosine}]"
+    .venv/bin/python benchmarks/issue18_gain.py --name w-imp --out runs/issue18 --init-only \\
+        --set student.num_layers=6 --set student.hidden_size=192 --set student.num_heads=6 \\
+        --set student.init=importance                                    # an initial student only
     .venv/bin/python benchmarks/issue18_gain.py --table runs/issue18                          # the table
 
 The CPU is shared: ``--threads`` (default 2). Everything else is the demo's config (cli/main.py
@@ -99,7 +102,13 @@ def run_cell(name: str, overrides: list[str], out: Path, *, init_only: bool = Fa
     # A student copied from the teacher is the same for every training seed; a random one is not, nor one
     # sliced by importance (its calibration batches follow the seed's data order).
     seed = "" if config.student.init == "teacher" else str(config.train.seed)
-    student_keys = config.student.model_dump_json() + config.teacher + seed
+    # Only what decides the initial weights: fields other engineers add to StudentConfig must not re-key it.
+    shape = config.student.model_dump(include={"num_layers", "hidden_size", "num_heads", "intermediate_size", "init",
+                                               "init_layers", "pretrained"})
+    if config.student.init == "importance":  # ranked on calibration batches of the training data
+        shape["calibration"] = [config.data.model_dump_json(include={"source", "max_length", "packing"}),
+                                config.prune.calibration_batches, config.train.batch_size]
+    student_keys = json.dumps(shape, sort_keys=True) + config.teacher + seed
     init_dir = out / "init" / hashlib.sha256(student_keys.encode()).hexdigest()[:12]
     init_file = init_dir / "scores.json"
     if not init_file.is_file():  # the same initial student for every cell that builds it
@@ -127,25 +136,34 @@ def run_cell(name: str, overrides: list[str], out: Path, *, init_only: bool = Fa
 
 
 def table(out: Path) -> str:
+    """Markdown: the teacher, every trained cell (init -> final, paired differences), every scored init."""
     teacher = json.loads((out / "teacher.json").read_text())
-    head = ["cell", "train s", "retrieval acc@1 init -> final", "paired diff", "MRR init -> final", "paired diff",
-            "topic acc init -> final"]
+    head = ["cell", "steps", "train s (s/step, load)", "retrieval acc@1 init -> final", "paired diff",
+            "MRR init -> final", "paired diff", "topic acc init -> final"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(row: dict, key: str) -> str:
         return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
 
     r, m, t = "stdlib-retrieval/acc@1", "stdlib-retrieval/mrr", "stdlib-topic/accuracy"
-    lines.append(f"| teacher | | {cell(teacher, r)} | | {cell(teacher, m)} | | {cell(teacher, t)} |")
-    for line in (out / "results.jsonl").read_text().splitlines():
+    lines.append(f"| teacher | | | {cell(teacher, r)} | | {cell(teacher, m)} | | {cell(teacher, t)} |")
+    results = out / "results.jsonl"
+    for line in results.read_text().splitlines() if results.is_file() else []:
         row = json.loads(line)
         init, final = row["init"], row["final"]
 
         def change(key: str, init: dict = init, final: dict = final) -> str:
-            return f"{init[key]:.4f} -> {final[key]:.4f} (±{final[key + '_std']:.4f})"
+            return f"{cell(init, key)} -> {cell(final, key)}"
 
-        lines.append(f"| {row['name']} | {row['train_seconds']:.0f} | {change(r)} | {paired(init, final, 'acc@1')} | "
-                     f"{change(m)} | {paired(init, final, 'mrr')} | {change(t)} |")
+        load = "-".join(f"{x:.1f}" for x in row.get("load", []))
+        timing = f"{row['train_seconds']:.0f} ({row.get('s_per_step', '?')}, {load})"
+        lines.append(f"| {row['name']} | {row.get('steps', '')} | {timing} | {change(r)} | "
+                     f"{paired(init, final, 'acc@1')} | {change(m)} | {paired(init, final, 'mrr')} | {change(t)} |")
+    inits = out / "inits.jsonl"
+    for line in inits.read_text().splitlines() if inits.is_file() else []:
+        row = json.loads(line)
+        lines.append(f"| {row['name']} (init only) | 0 | | {cell(row['init'], r)} | | {cell(row['init'], m)} | | "
+                     f"{cell(row['init'], t)} |")
     return "\n".join(lines)
 
 

@@ -134,6 +134,9 @@ RECIPES: dict[str, RecipeEntry] = {
     "od": RecipeEntry("od.yaml", "output distribution: KL of MLM distributions at temperature tau (+ MLM)"),
     "hs": RecipeEntry("hs.yaml", "hidden states: MSE with a learned projection under a layer mapping"),
     "minilmv2": RecipeEntry("minilmv2.yaml", "MiniLMv2: Q-Q / K-K / V-V relation KL, 48 relation heads"),
+    "sentence": RecipeEntry(
+        "sentence.yaml", "sentence encoders: MiniLMv2 relations + cosine of pooled embeddings, importance init"
+    ),
     "minilm": RecipeEntry("minilm.yaml", "MiniLM: last-layer attention + value relation KL (teacher assistant)"),
     "direct-minilm": RecipeEntry("direct-minilm.yaml", "DirectMiniLM: MSE of linearly projected Q/K/V"),
     "tinybert-general": RecipeEntry(
