@@ -102,12 +102,12 @@ def _distill(recipe: str, overrides: list[str], folder: Path):
     return distill(resolve_config(recipe, overrides=overrides), out=folder, overwrite=True, progress=False)
 
 
-def _minitron(shape: list[str]) -> Callable[[Budget, Path], Made]:
+def _minitron(shape: list[str], recipe: str = "minilmv2", teacher: str = "builtin") -> Callable[[Budget, Path], Made]:
     def make(budget: Budget, folder: Path) -> Made:
         began = time.perf_counter()
         # A lone prune stage: importance on calibration batches, the most important units kept, no training.
-        result = _distill("minilmv2", [*budget.data(), "stages=[{name: prune, action: prune}]",
-                                       f"prune.calibration_batches={budget.calibration_batches}", *shape], folder)
+        result = _distill(recipe, [*budget.data(), f"teacher={teacher}", "stages=[{name: prune, action: prune}]",
+                                   f"prune.calibration_batches={budget.calibration_batches}", *shape], folder)
         stage = json.loads((folder / "stages" / "prune" / "summary.json").read_text())
         notes = {k: stage[k] for k in ("kept_blocks", "block_importance") if k in stage}
         return Made(result.student_dir, 0, budget.calibration_batches * budget.batch_size * budget.max_length,
@@ -256,11 +256,12 @@ def table(out: Path) -> str:
     teacher_file = out / "teacher.json"
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     head = ["method", "shape", "params", "FLOPs/token", "tokens: distil (+ method)", "wall s: distil (+ method)",
-            "held-out loss start -> end", "retrieval acc@1 init -> final", "gain (paired)", "topic acc init -> final"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|---|---|---|---|"]
+            "held-out loss start -> end", "emb. cosine start -> end", "retrieval acc@1 init -> final",
+            "acc@1 gain (paired)", "topic acc init -> final"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|---|---|---|---|---|"]
     if teacher and rows:
         lines.append(f"| teacher | 6x384 (12 heads) | {rows[0]['teacher_params'] / 1e6:.2f}M | "
-                     f"{rows[0]['teacher_flops_per_token'] / 1e6:.1f}M | | | | {_score(teacher, RETRIEVAL)} | | "
+                     f"{rows[0]['teacher_flops_per_token'] / 1e6:.1f}M | | | | | {_score(teacher, RETRIEVAL)} | | "
                      f"{_score(teacher, TOPIC)} |")
     for r in rows:
         extra_tokens = f" (+{r['method_tokens']:,})" if r["method_tokens"] else ""
@@ -268,10 +269,12 @@ def table(out: Path) -> str:
         start, end = r["heldout_loss"]
         init, final = r.get("init"), r.get("final")
         gain = paired(init, final, "acc@1") if init and final else ""
+        # Mean-pooled embeddings against the teacher's on held-out text; needs equal widths (WID's 320: none).
+        cosine = " -> ".join(f"{c:.3f}" for c in r["embedding_cosine"] if c is not None)
         lines.append(
             f"| {r['method']} | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:.1f}M | "
             f"{r['distil_tokens']:,}{extra_tokens} | {r['distil_seconds']:.0f}{extra_seconds} | {start:.3f} -> "
-            f"{end:.3f} | {_score(init, RETRIEVAL)} -> {_score(final, RETRIEVAL)} | {gain} | "
+            f"{end:.3f} | {cosine} | {_score(init, RETRIEVAL)} -> {_score(final, RETRIEVAL)} | {gain} | "
             f"{_score(init, TOPIC)} -> {_score(final, TOPIC)} |")
     return "\n".join(lines)
 
@@ -309,7 +312,10 @@ def figures(out: Path) -> list[Figure]:
     selection at the same size and distillation tokens."""
     rows = {r["name"]: r for r in read_rows(out)}
     block = rows.get("block")
-    made = [r for name, r in rows.items() if name not in ("block", "block-2x", "random")]
+    # At the same size: a method student larger than the search's budget (DPHuBERT's saved model keeps one FFN
+    # width for every block, the largest any block keeps) is left out of the ratios.
+    made = [r for name, r in rows.items() if name not in ("block", "block-2x", "random")
+            and r["params"] <= TARGET_PARAMS * SEARCH_SLACK]
     if not block or not made:
         return []
     best = min(made, key=lambda r: r["heldout_loss"][1])
@@ -325,6 +331,99 @@ def figures(out: Path) -> list[Figure]:
     return found
 
 
+# The causal variant: the built-in GPT-2 (4x256, 4 heads) to 2x256's parameter count, distilled by recipe kd (forward
+# KL of next-token distributions, the Minitron papers' choice), scored by held-out perplexity.
+CAUSAL_TEXTS = 256  # held-out texts for perplexity (the run's deterministic split)
+CAUSAL_CELLS = (
+    Cell("random", "random init", None, ("student.num_layers=2", "student.init=random")),
+    Cell("block", "block selection (blocks 0, 3)", None,
+         ("student.num_layers=2", "student.init=teacher", "student.init_layers=uniform")),
+    Cell("minitron-depth", "Minitron: prune depth (block importance)",
+         _minitron(["student.num_layers=2"], "kd", "builtin-gpt2")),
+    Cell("minitron-width", "Minitron: prune FFN width (activations)",
+         _minitron(["student.num_layers=4", "student.intermediate_size=256"], "kd", "builtin-gpt2")),
+)
+
+
+def _save_causal_init(config, folder: Path) -> None:
+    """The causal student ``config`` builds before step 1, with its LM head (issue18_gain's saves the base)."""
+    from tadistill.loading import load_pretrained, load_tokenizer
+    from tadistill.students.spec import build_student_from_spec
+
+    teacher = load_pretrained(config.teacher, head="causal-lm", what="teacher")
+    tokenizer = load_tokenizer(config.teacher)
+    torch.manual_seed(config.train.seed)
+    build_student_from_spec(config, teacher, tokenizer, head="causal-lm").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _perplexity(model_dir: Path | str, config) -> float:
+    from tadistill.data.prepare import heldout_texts
+    from tadistill.loading import load_pretrained, load_tokenizer
+    from tadistill.measure.perplexity import causal_perplexity
+
+    texts = heldout_texts(config.data.source, config.data, seed=config.train.seed, limit=CAUSAL_TEXTS)
+    model = load_pretrained(str(model_dir), head="causal-lm", what="model")
+    return causal_perplexity(model, load_tokenizer(str(model_dir)), texts, max_length=config.data.max_length)["perplexity"]
+
+
+def run_causal(budget: Budget, out: Path) -> list[dict]:
+    """Every causal cell not yet in OUT/causal.jsonl: the method stage, the kd distillation, perplexities."""
+    from tadistill.loading import resolve_model_path
+    from tadistill.resolve import resolve_config
+
+    path = out / "causal.jsonl"
+    done = {json.loads(line)["name"] for line in path.read_text().splitlines()} if path.is_file() else set()
+    base = [*budget.data(), "teacher=builtin-gpt2", f"train.steps={budget.steps}", f"train.eval_every={budget.steps}",
+            "train.lr=1e-4", "train.warmup_ratio=0.05"]
+    for cell in CAUSAL_CELLS:
+        if cell.name in done:
+            continue
+        folder = out / "causal" / cell.name
+        load_before = os.getloadavg()[0]
+        made = cell.make(budget, folder / "method") if cell.make else Made(None)
+        student = [f"student.pretrained={made.folder}"] if made.folder else list(cell.student)
+        config = resolve_config("kd", overrides=[*base, *student])
+        init_dir = made.folder or folder / "init"
+        if made.folder is None:
+            _save_causal_init(config, init_dir)
+        init_ppl = _perplexity(init_dir, config)
+        began = time.perf_counter()
+        result = _distill("kd", [*base, *student], folder / "distil")
+        s = result.summary
+        row = {"name": cell.name, "method": cell.how, "shape": s.get("student_shape"),
+               "params": s.get("student_parameters"), "flops_per_token": s.get("student_flops_per_token"),
+               "teacher_params": s.get("teacher_parameters"), "distil_tokens": s.get("tokens_seen"),
+               "distil_seconds": round(time.perf_counter() - began, 1), "method_tokens": made.tokens,
+               "method_seconds": round(made.seconds, 1), "method_notes": made.notes,
+               "heldout_loss": [s.get("heldout_loss_start"), s.get("heldout_loss_end")],
+               "perplexity": [init_ppl, _perplexity(result.student_dir, config)],
+               "teacher_perplexity": _perplexity(resolve_model_path("builtin-gpt2"), config),
+               "load": [round(load_before, 2), round(os.getloadavg()[0], 2)], "budget": asdict(budget)}
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"causal {cell.name}: {row['shape']} {row['params']:,} params, perplexity {row['perplexity']}", flush=True)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def causal_table(out: Path) -> str:
+    path = out / "causal.jsonl"
+    rows = {r["name"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+    head = ("| method | shape | params | FLOPs/token | tokens: distil (+ method) | held-out KL start -> end | "
+            "held-out perplexity init -> final |")
+    lines = [head, "|---|---|---:|---:|---:|---|---|"]
+    for r in rows.values():
+        extra = f" (+{r['method_tokens']:,})" if r["method_tokens"] else ""
+        (a, b), (p, q) = r["heldout_loss"], r["perplexity"]
+        lines.append(f"| {r['method']} | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:.2f}M | "
+                     f"{r['distil_tokens']:,}{extra} | {a:.3f} -> {b:.3f} | {p:.1f} -> {q:.1f} |")
+    if rows:
+        first = next(iter(rows.values()))
+        lines.append(f"| teacher | 4x256 (4 heads) | {first['teacher_params'] / 1e6:.2f}M | | | | "
+                     f"{first['teacher_perplexity']:.1f} |")
+    return "\n".join(lines)
+
+
 def parse(argv: list[str] | None, *, quick: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # --quick (run.py --quick): a smoke run of every cell, no task scores, in its own folder.
@@ -335,9 +434,12 @@ def parse(argv: list[str] | None, *, quick: bool = False) -> argparse.Namespace:
                         help="DPHuBERT / WID steps, AutoDistil half of them (default: --steps; WID needs 10 or more)")
     parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
     parser.add_argument("--max-length", type=int, default=Budget.max_length)
+    parser.add_argument("--seed", type=int, default=Budget.seed, help="training seed (data order, init, dropout)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--redo", action="store_true", help="run finished cells again")
     parser.add_argument("--no-scores", action="store_true", default=quick, help="skip the task scores (a smoke run)")
+    parser.add_argument("--causal", action="store_true",
+                        help="the causal variant instead: Minitron vs block selection on builtin-gpt2 (perplexity)")
     parser.add_argument("--table", action="store_true", help="print the table, draw the plots and exit")
     parser.add_argument("--figures", default=None, help="folder for the PNGs (default OUT/figures)")
     return parser.parse_args(argv)
@@ -346,11 +448,19 @@ def parse(argv: list[str] | None, *, quick: bool = False) -> argparse.Namespace:
 def run(argv: list[str] | None = None, *, quick: bool = False) -> list[Figure]:
     args = parse(argv, quick=quick)
     out = Path(args.out)
+    if args.causal:
+        if not args.table:
+            torch.set_num_threads(args.threads)
+            out.mkdir(parents=True, exist_ok=True)
+            run_causal(Budget(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                              seed=args.seed), out)
+        print(causal_table(out))
+        return []
     if not args.table:
         torch.set_num_threads(args.threads)
         out.mkdir(parents=True, exist_ok=True)
         budget = Budget(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                        method_steps=args.method_steps or args.steps)
+                        method_steps=args.method_steps or args.steps, seed=args.seed)
         if not args.no_scores and not (out / "teacher.json").is_file():
             (out / "teacher.json").write_text(json.dumps(scores("builtin"), indent=1))
         done = {r["name"] for r in read_rows(out)}
