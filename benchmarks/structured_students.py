@@ -17,11 +17,14 @@ keeps the width on BERT, so it cannot go far below; WID and Minitron-width keep 
    distillation's summary.json.
 
 ``block-2x`` is block selection with twice the distillation steps: the tokens the method stages used besides.
+``--causal``: the built-in GPT-2 (4x256) into 2x256's parameter count by block selection, random init and Minitron
+depth / width pruning, distilled by recipe ``kd``, scored by held-out perplexity (``OUT/causal.jsonl``).
 
-    .venv/bin/python benchmarks/structured_students.py --out runs/structured                 # every cell (~1 h)
+    .venv/bin/python benchmarks/structured_students.py --out runs/structured                 # every cell (~35 min)
     .venv/bin/python benchmarks/structured_students.py --out runs/structured --only wid      # one cell
+    .venv/bin/python benchmarks/structured_students.py --out runs/structured --causal        # the causal variant
     .venv/bin/python benchmarks/structured_students.py --out runs/structured --table         # table and plots
-    .venv/bin/python benchmarks/structured_students.py --out runs/smoke --steps 2 --no-scores  # a smoke run
+    .venv/bin/python benchmarks/structured_students.py --out runs/smoke --steps 2 --method-steps 10 --no-scores
 
 Finished cells are skipped (``OUT/results.jsonl``); ``--redo`` runs them again. The CPU is shared: one cell at a
 time, ``--threads`` (default 1), the 1-minute load average is recorded before and after every cell.
@@ -54,7 +57,7 @@ HOW = ("The built-in teacher (6x384) into students of 3x384's parameter count (1
        "student (3 evaluation seeds).")
 TARGET_PARAMS = 17_389_824  # 3x384 with the teacher's vocabulary: the block-selected student
 SEARCH_SLACK = 1.02  # AutoDistil's --params budget: the target + 2% (its sub-space has no 17.39M point but 3x384)
-RETRIEVAL, MRR, TOPIC = "stdlib-retrieval/acc@1", "stdlib-retrieval/mrr", "stdlib-topic/accuracy"
+RETRIEVAL, TOPIC = "stdlib-retrieval/acc@1", "stdlib-topic/accuracy"
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,6 @@ class Budget:
     method_steps: int = 50  # DPHuBERT's gated stage and WID's run; AutoDistil takes half (4 passes per batch)
     calibration_batches: int = 8  # Minitron's importance
     seed: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.max_length
 
     def data(self) -> list[str]:
         """Data and logging settings every run of the study shares."""
@@ -120,7 +119,7 @@ def _dphubert(budget: Budget, folder: Path) -> Made:
     steps = budget.method_steps
     # The gated stage alone, a few dozen steps instead of DPHuBERT's 50k. With the recipe's settings the expected
     # sparsity was 0.05 after 50 steps (target 0.5): here the gates start at drop probability 0.5, gates and
-    # multipliers learn fast at a constant rate with little momentum (the settings of tests/test_dphubert.py).
+    # multipliers learn fast at a constant rate with little momentum (close to tests/test_dphubert.py's FAST).
     result = _distill("dphubert", [*budget.data(), "stages=[]", f"train.steps={steps}", f"train.eval_every={steps}",
                                    "dphubert.target_sparsity=0.5", "dphubert.init_drop=0.5", "dphubert.gate_lr=0.5",
                                    "dphubert.multiplier_lr=0.5", "dphubert.target_warmup_ratio=0.3",
@@ -146,6 +145,7 @@ def _wid(budget: Budget, folder: Path) -> Made:
 
 
 def _autodistil(budget: Budget, folder: Path) -> Made:
+    from tadistill.resolve import resolve_config
     from tadistill.search import Budget as SearchBudget
     from tadistill.search import run_search
 
@@ -155,8 +155,6 @@ def _autodistil(budget: Budget, folder: Path) -> Made:
     trained = time.perf_counter() - began
     found = run_search(folder, SearchBudget(params=int(TARGET_PARAMS * SEARCH_SLACK)), top=3, latency_repeats=3,
                        overwrite=True, progress=False)
-    from tadistill.resolve import resolve_config
-
     heldout = resolve_config("autodistil").autodistil.search_batches * budget.batch_size * budget.max_length
     notes = {"chosen": found.chosen.subnet.name, "candidates": len(found.ranked), "superlm_seconds": round(trained, 1),
              "search_heldout_tokens": heldout}
@@ -185,7 +183,6 @@ CELLS = (
     Cell("block-2x", "block selection, 2x distillation steps", None,
          ("student.num_layers=3", "student.init=teacher", "student.init_layers=uniform"), steps_factor=2),
 )
-BY_NAME = {c.name: c for c in CELLS}
 
 
 def _cached_scores(folder: Path, model_dir: Path | str, enabled: bool) -> dict | None:
@@ -211,7 +208,7 @@ def run_cell(cell: Cell, budget: Budget, out: Path, *, score: bool = True) -> di
     if made.folder:
         init_dir = made.folder
     else:  # the student the distillation config builds before step 1; shared by cells that build the same one
-        init_dir = out / "init" / "-".join(s.split("=")[1] for s in cell.student)
+        init_dir = out / "init" / "-".join([*(s.split("=")[1] for s in cell.student), f"s{budget.seed}"])
         if not (init_dir / "config.json").is_file():
             save_initial_student(resolve_config("minilmv2", overrides=overrides), init_dir)
     init_scores = _cached_scores(init_dir if made.folder is None else folder / "init", init_dir, score)
@@ -280,7 +277,8 @@ def table(out: Path) -> str:
 
 
 def plots(out: Path, folder: Path) -> list[Path]:
-    """Retrieval acc@1 against parameters (teacher as a star) and the common distillation's training loss."""
+    """Retrieval acc@1 against parameters (teacher as a star), the common distillation's training loss, and
+    retrieval acc@1 before and after it (a line per cell, the teacher's level beside them)."""
     from tadistill.reports.plots import (
         plot_score_vs_params,
         plot_training_curves,
