@@ -188,6 +188,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = resolve_config(DEMO_RECIPE, overrides=[*DEMO_OVERRIDES, *args.overrides])
     out = args.out or _default_out("demo")
     result = distill(config, out=out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if config.student.pretrained is None and not config.teacher_signals:
+        from tadistill.cli.demo import add_task_scores
+
+        add_task_scores(result, config)  # stdlib-retrieval before and after training, beside the teacher (issue 18)
     _print_summary(result)
     return 0
 
