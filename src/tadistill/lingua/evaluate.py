@@ -217,9 +217,9 @@ def _embedding_cosines(embedder: tuple, originals: list[str], compressed: dict[t
 def plot_rates(rows: list[dict], path: str | Path, *, key: str = "loss_increase") -> Path:
     """``key`` against the share of words kept, one line per selector, error bars of its standard error (``key``
     + "_se"): the loss increase over the full prompt (with no prompt as a dashed line) or the embedding cosine."""
-    from tadistill.reports.plots import _new_figure, _save  # the project's Agg figure and atomic PNG writer
+    from tadistill.reports.plots import new_figure, save_figure  # the project's Agg figure and atomic PNG writer
 
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     for name in SELECTORS:
         points = sorted((r["rate"], r[key], r.get(key + "_se") or 0.0) for r in rows
                         if r["selector"] == name and r.get(key) is not None)
@@ -238,7 +238,7 @@ def plot_rates(rows: list[dict], path: str | Path, *, key: str = "loss_increase"
         axes.set_title("What the compressed prompt keeps of its meaning")
     axes.set_xlabel("share of prompt words kept")
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def run_evaluation(model: str, lm: str, data: str, out: str | Path, options: EvaluateOptions | None = None,

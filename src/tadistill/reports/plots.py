@@ -24,7 +24,7 @@ DPI = 120
 TEACHER = "teacher"
 
 
-def _new_figure(size: tuple[float, float] = (6.4, 4.4)):
+def new_figure(size: tuple[float, float] = (6.4, 4.4)):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -33,7 +33,7 @@ def _new_figure(size: tuple[float, float] = (6.4, 4.4)):
     return figure, figure.add_subplot(1, 1, 1)
 
 
-def _save(figure, path: str | Path) -> Path:
+def save_figure(figure, path: str | Path) -> Path:
     """Tight layout, PNG at DPI, written atomically (a crash leaves the old file, not half an image)."""
     path = Path(path)
     figure.tight_layout()
@@ -63,7 +63,7 @@ def _points(cells: list[dict], x_key: str, y_key: str, x_scale: float) -> dict[s
 
 
 def _scatter(cells: list[dict], metric: str, path, x_key: str, x_scale: float, xlabel: str, title: str) -> Path:
-    figure, ax = _new_figure()
+    figure, ax = new_figure()
     series = _points(cells, x_key, metric, x_scale)
     for method, points in series.items():
         xs, ys, labels = zip(*sorted(points))
@@ -84,7 +84,7 @@ def _scatter(cells: list[dict], metric: str, path, x_key: str, x_scale: float, x
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_score_vs_params(cells: list[dict], metric: str, path: str | Path) -> Path:
@@ -113,7 +113,7 @@ def plot_training_curves(
     The y axis is logarithmic when every value is positive and they span more than a factor of 10
     (distillation losses fall by orders of magnitude early on). Returns the written PNG path.
     """
-    figure, ax = _new_figure()
+    figure, ax = new_figure()
     values = []
     for label, points in curves.items():
         points = [(s, v) for s, v in points if _finite(v) is not None]
@@ -132,7 +132,7 @@ def plot_training_curves(
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel} during distillation")
     ax.grid(True, alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def read_curve(metrics_jsonl: str | Path, key: str = "loss") -> list[tuple[int, float]]:
