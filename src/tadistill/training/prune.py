@@ -27,18 +27,17 @@ from accelerate import PartialState
 from safetensors.torch import save
 
 from tadistill.config import DistillConfig
-from tadistill.data.batches import BatchOrder, collate
 from tadistill.data.prepare import prepare_corpus
 from tadistill.errors import ConfigError
 from tadistill.fileio import atomic_open, atomic_write_text
 from tadistill.loading import is_causal_lm, load_model_config, load_pretrained, load_tokenizer, resolve_model_path
 from tadistill.measure.flops import known_flops_per_token
+from tadistill.students.calibration import calibration_count, first_batches
 from tadistill.measure.parameters import count_parameters
 from tadistill.measure.perplexity import causal_perplexity
 from tadistill.registry import PRUNING
 from tadistill.structure import Kept, Layout, TargetShape, check_target, materialize, resolve_layout, select_units
 from tadistill.students.build import build_student
-from tadistill.training.loop import TokenizerInfo
 from tadistill.training.pipeline import save_student
 from tadistill.training.rundir import RunDir
 
@@ -102,15 +101,12 @@ class PruneSetup:
         check_target(self.layout, self.target)
         self.splits = prepare_corpus(config.data, self.tokenizer, seed=config.train.seed,
                                      max_positions=getattr(self.teacher.config, "max_position_embeddings", None))
-        self.order = BatchOrder(len(self.splits.train), config.train.batch_size, seed=config.train.seed)
-        self.batches = min(config.prune.calibration_batches, self.order.batches_per_epoch())
+        self.batches = calibration_count(self.splits.train, config)
 
     def calibration(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The first batches of the training order (no sequence twice), collated one at a time."""
-        info = TokenizerInfo.of(self.tokenizer)
-        for k in range(self.batches):
-            sequences = [self.splits.train[i] for i in self.order.indices(k)]
-            yield collate(sequences, pad_id=info.pad_id, special_ids=info.special_ids)
+        """The first batches of the training order (no sequence twice), collated one at a time: the same
+        batches ``student.init=importance`` ranks on (students/calibration.py)."""
+        return first_batches(self.splits.train, self.config, self.tokenizer)
 
     def run(self, run: RunDir) -> dict[str, Any]:
         """Score, select, materialise; save the student, the scores and summary.json into ``run``."""
